@@ -1,0 +1,7 @@
+"""``python -m gpt2scratch`` is the ``gpt2-scratch`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""Typed configuration: the model's shape (``GPTConfig``), its named presets, and the training run (``TrainConfig``).
+
+Configuration flows one way: the CLI parses ``argv`` into these dataclasses, validates them here, and hands them to
+the training and generation code. Each field's ``metadata["help"]`` is the text ``--help`` shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, UsageError
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT-2 model. Defaults are the 124M model of the GPT-2 paper."""
+
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"model config: unknown key(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # The four published GPT-2 sizes.
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    # Small shapes that train in minutes on a laptop CPU.
+    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "mini": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128),
+}
+
+
+def preset(name: str) -> GPTConfig:
+    """The named preset, or a ConfigError listing the known names."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _opt(help: str, *flags: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata for the CLI: the help text and, when not derived from the name, the flags."""
+    return {"help": help, "flags": flags, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is told. Field names are the CLI flags (``batch_size`` -> ``--batch-size``)."""
+
+    input: str | None = field(
+        default=None, metadata=_opt("a text file, a directory of .txt files or a glob (default: input.txt)")
+    )
+    data: str | None = field(
+        default=None, metadata=_opt("train on a built-in corpus instead of --input: shakespeare", choices=None)
+    )
+    max_tokens: int | None = field(default=None, metadata=_opt("use only the first N tokens of the corpus"))
+    out_dir: str = field(default="out", metadata=_opt("where snapshots, the final model and logs go"))
+    preset: str = field(default="gpt2", metadata=_opt("model shape: " + ", ".join(PRESETS)))
+    n_layer: int | None = field(default=None, metadata=_opt("override the preset's number of layers"))
+    n_head: int | None = field(default=None, metadata=_opt("override the preset's number of heads"))
+    n_embd: int | None = field(default=None, metadata=_opt("override the preset's width"))
+    block_size: int | None = field(default=None, metadata=_opt("override the preset's context length"))
+    dropout: float = field(default=0.0, metadata=_opt("dropout probability"))
+    batch_size: int = field(default=4, metadata=_opt("sequences per micro-batch (per process)", "-B", "--batch-size"))
+    seq_len: int = field(default=32, metadata=_opt("tokens per sequence", "-T", "--seq-len"))
+    grad_accum: int = field(default=1, metadata=_opt("micro-batches per optimizer step"))
+    lr: float = field(default=3e-4, metadata=_opt("peak learning rate"))
+    min_lr: float = field(default=0.0, metadata=_opt("final learning rate of the cosine schedule"))
+    lr_schedule: str = field(default="constant", metadata=_opt("constant or cosine", choices=("constant", "cosine")))
+    warmup_steps: int = field(default=0, metadata=_opt("linear warm-up steps"))
+    weight_decay: float = field(default=0.01, metadata=_opt("AdamW weight decay, on matrices only"))
+    grad_clip: float = field(default=0.0, metadata=_opt("clip the gradient norm to this (0: off)"))
+    target_loss: float = field(default=0.099999, metadata=_opt("stop when a step's loss is at or below this"))
+    max_steps: int | None = field(default=None, metadata=_opt("stop after this many steps (default: no limit)"))
+    val_fraction: float = field(default=0.0, metadata=_opt("hold out this tail fraction of tokens for validation"))
+    eval_interval: int = field(default=100, metadata=_opt("steps between validation losses"))
+    eval_batches: int = field(default=20, metadata=_opt("batches per validation loss"))
+    snapshot_interval: int = field(default=10, metadata=_opt("steps between snapshots (0: none)"))
+    keep_snapshots: int = field(default=3, metadata=_opt("keep the newest K snapshots (0: keep all)"))
+    resume: str | None = field(default=None, metadata=_opt("continue from a snapshot or final model, or 'auto'"))
+    init_from: str | None = field(
+        default=None, metadata=_opt("start from weights: gpt2[-medium|-large|-xl], a dir or a checkpoint")
+    )
+    device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
+    dtype: str = field(
+        default="auto",
+        metadata=_opt("auto, float32, bfloat16 or float16", choices=("auto", "float32", "bfloat16", "float16")),
+    )
+    compile: bool = field(default=False, metadata=_opt("torch.compile the model (costs ~20-30 s of warm-up)"))
+    seed: int = field(default=1337, metadata=_opt("random seed for initialisation and dropout"))
+    log_interval: int = field(default=1, metadata=_opt("steps between progress lines"))
+    sample_prompt: str = field(
+        default="Hello, I'm a language model,", metadata=_opt("prompt for the samples after training")
+    )
+    no_sample: bool = field(default=False, metadata=_opt("do not print samples after training"))
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first flag that is out of range."""
+        positive = ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
+        for name in ("max_tokens", "max_steps", "n_layer", "n_head", "n_embd", "block_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"{flag(name)} must be a positive integer, got {value}")
+        for name in ("snapshot_interval", "keep_snapshots", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{flag(name)} must be zero or positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.lr < 10):
+            raise UsageError(f"--lr must be in (0, 10), got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UsageError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{flag(name)} must be zero or positive, got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.input is not None and self.data is not None:
+            raise UsageError("give either --input or --data, not both")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UsageError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        model = self.model_config()
+        if self.seq_len > model.block_size:
+            raise UsageError(
+                f"-T/--seq-len ({self.seq_len}) is larger than the model's block size ({model.block_size})"
+            )
+
+    def model_config(self) -> GPTConfig:
+        """The preset with any --n-layer/--n-head/--n-embd/--block-size overrides applied."""
+        base = preset(self.preset)
+        overrides = {
+            name: getattr(self, name)
+            for name in ("n_layer", "n_head", "n_embd", "block_size")
+            if getattr(self, name) is not None
+        }
+        return dataclasses.replace(base, dropout=self.dropout, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a TrainConfig field, as users see it in messages."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == name and f.metadata.get("flags"):
+            return "/".join(f.metadata["flags"])
+    return "--" + name.replace("_", "-")

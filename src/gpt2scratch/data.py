@@ -1,0 +1,172 @@
+"""Training data: find the input text, tokenize it once into a cached uint16 file, and serve B x T batches from it.
+
+The token file is read through ``numpy.memmap``, so a corpus of many GB trains in bounded memory. Its name carries
+the sha256 of the input, so an unchanged input is never tokenized twice and a changed one always is. Tokenizing
+streams the text in chunks cut where GPT-2's pre-tokenizer would cut anyway, so the ids equal those of one call
+over the whole text, with peak memory independent of the input's size and every core busy.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .tokenizer import EOT_TOKEN, encode_batch
+
+CHUNK_CHARS = 1 << 22  # ~4 MB of text per chunk handed to the tokenizer
+# A newline between two non-space characters: GPT-2's pre-tokenizer always ends a piece there, so cutting the text
+# after it does not change the ids.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+def resolve_inputs(spec: str | None) -> list[Path]:
+    """The text files named by ``--input``: a file, a directory of .txt files or a glob (default ``input.txt``)."""
+    if spec is None:
+        if not Path("input.txt").is_file():
+            raise DataError(
+                "no input.txt in this directory; give one with --input FILE|DIR|GLOB, "
+                "or try the built-in corpus with --data shakespeare"
+            )
+        spec = "input.txt"
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"the directory {path} has no .txt files in it")
+        return files
+    if path.is_file():
+        return [path]
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"no file matches {spec!r}")
+        return files
+    raise DataError(f"input {spec} does not exist; give a text file, a directory of .txt files or a glob")
+
+
+def content_hash(files: list[Path]) -> str:
+    """sha256 over the files' contents, in order: the identity of a corpus."""
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        digest.update(b"\x00<file boundary>\x00")
+    return digest.hexdigest()
+
+
+def _text_chunks(path: Path) -> Iterator[str]:
+    """The file's text in pieces of about CHUNK_CHARS, cut only at safe newlines; DataError if it is not text."""
+    carry = ""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            while block := f.read(CHUNK_CHARS):
+                if "\x00" in block:
+                    raise DataError(f"{path} looks like a binary file (it contains NUL bytes); give a text file")
+                text = carry + block
+                cuts = [m.end() for m in _SAFE_CUT.finditer(text, max(0, len(text) - CHUNK_CHARS // 2))]
+                if cuts:
+                    yield text[: cuts[-1]]
+                    carry = text[cuts[-1] :]
+                else:
+                    carry = text  # no safe cut yet (one enormous line): keep reading
+            if carry:
+                yield carry
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8") from None
+
+
+def tokenize_files(files: list[Path], out_path: Path, progress: Progress | None = None) -> int:
+    """Tokenize ``files`` into a uint16 file at ``out_path`` (written atomically); return the token count.
+
+    Files are joined with <|endoftext|> between them. Raises DataError for empty, binary or non-UTF-8 input.
+    """
+    total = sum(p.stat().st_size for p in files)
+    if total == 0:
+        raise DataError(f"the input ({', '.join(map(str, files[:3]))}) is empty")
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    count = done = 0
+    threads = os.cpu_count() or 1
+    try:
+        with open(tmp, "wb") as out:
+            for index, path in enumerate(files):
+                if index > 0:
+                    np.array([EOT_TOKEN], dtype=np.uint16).tofile(out)
+                    count += 1
+                batch: list[str] = []
+                for chunk in _text_chunks(path):
+                    batch.append(chunk)
+                    if len(batch) == 2 * threads:
+                        count, done = _flush(batch, out, count, done, total, progress)
+                count, done = _flush(batch, out, count, done, total, progress)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
+
+
+def _flush(batch: list[str], out: Any, count: int, done: int, total: int, progress: Progress | None) -> tuple[int, int]:
+    """Encode the batch of chunks on all cores, append the ids to ``out``; return the updated counters."""
+    for ids in encode_batch(batch):
+        np.asarray(ids, dtype=np.uint16).tofile(out)  # GPT-2's 50,257 ids fit in 16 bits
+        count += len(ids)
+    done += sum(len(chunk.encode("utf-8")) for chunk in batch)
+    batch.clear()
+    if progress is not None:
+        progress(min(done, total), total)
+    return count, done
+
+
+def load_tokens(path: Path) -> np.ndarray:
+    """The token file as a read-only memmap."""
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+class TokenLoader:
+    """Consecutive B x T windows of the token stream (targets shifted by one), wrapping to the start at the end.
+
+    With several processes, rank r reads the r-th window of every group of ``world_size`` windows, so together
+    they read what one process with a ``world_size`` times larger batch would. ``position`` is the whole state.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+        self.tokens = tokens
+        self.B, self.T = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        needed = batch_size * seq_len * world_size + 1
+        if len(tokens) < needed:
+            raise DataError(
+                f"the input has {len(tokens)} tokens, fewer than one batch needs ({needed} = B x T x processes + 1); "
+                "give more text or lower -B/--batch-size and -T/--seq-len"
+            )
+        self.position = 0  # start of the group of windows the next batch comes from
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, each (B, T) int64."""
+        B, T = self.B, self.T
+        start = self.position + self.rank * B * T
+        window = torch.from_numpy(self.tokens[start : start + B * T + 1].astype(np.int64))
+        x = window[:-1].view(B, T)  # (B, T)
+        y = window[1:].view(B, T)  # (B, T)
+        self.position += B * T * self.world_size
+        if self.position + B * T * self.world_size + 1 > len(self.tokens):
+            self.position = 0
+        return x, y
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])

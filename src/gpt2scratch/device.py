@@ -1,0 +1,95 @@
+"""Where and in what precision the model runs: device choice, dtype choice, autocast and matmul settings."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import DeviceError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is a DeviceError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} asked for, but no CUDA GPU is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"device {name!r} asked for, but MPS is not available here; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: ``auto`` is bf16 where the hardware does bf16, fp16 on older CUDA GPUs, else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32  # MPS and CPUs without bf16 units: fp32 is the fast and safe choice
+    if name not in DTYPES:
+        raise DeviceError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise DeviceError("float16 is not supported on the CPU; use --dtype bfloat16 or float32")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for forward passes: weights stay fp32, matmuls run in ``dtype``."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_matmul(device: torch.device) -> None:
+    """Turn on the fastest fp32 matmul path that is still fp32-exact on this machine.
+
+    On CUDA that is TF32 only for what autocast does not cover, so we leave 'highest'. On CPUs, PyTorch's default
+    fp32 matmul may run a slow vector path (MKL's AVX2 path on AMD CPUs); precision 'medium' sends it to oneDNN,
+    which on CPUs without AMX still computes in fp32. We measure that here and keep 'medium' only if the error
+    against float64 stays at fp32 level.
+    """
+    if device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        return
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 768, generator=generator)
+    b = torch.randn(768, 256, generator=generator)
+    exact = a.double() @ b.double()
+    torch.set_float32_matmul_precision("medium")
+    error = ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
+    if error > 1e-5:  # bf16 inside (e.g. an AMX CPU): not fp32 any more
+        torch.set_float32_matmul_precision("highest")
+    log.debug("fp32 matmul precision %s (relative error %.1e)", torch.get_float32_matmul_precision(), error)

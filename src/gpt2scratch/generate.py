@@ -1,0 +1,106 @@
+"""Text in, text out: prompts are tokenized, sampled from a model, and decoded, as a list or as a stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from . import device as devices
+from .errors import UsageError
+from .model import GPT
+from .tokenizer import EOT_TOKEN, decode, encode
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. ``max_length`` counts the prompt (as the original script did); ``max_new_tokens`` does not
+    and wins when given."""
+
+    num_samples: int = 5
+    max_length: int = 30
+    max_new_tokens: int | None = None
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 42
+    stop_at_eot: bool = False
+
+    def validate(self) -> None:
+        if self.num_samples <= 0:
+            raise UsageError(f"--num-samples must be positive, got {self.num_samples}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise UsageError(f"--top-k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be zero (greedy) or positive, got {self.temperature}")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise UsageError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+
+
+def prompt_ids(model: GPT, prompt: str, sampling: SamplingConfig) -> tuple[list[int], int]:
+    """The prompt's token ids and how many tokens to add; UsageError if the prompt does not fit."""
+    sampling.validate()
+    ids = encode(prompt) if prompt else [EOT_TOKEN]
+    block = model.config.block_size
+    if len(ids) > block:
+        raise UsageError(f"the prompt is {len(ids)} tokens, longer than the model's block size ({block})")
+    new = sampling.max_new_tokens if sampling.max_new_tokens is not None else sampling.max_length - len(ids)
+    if new <= 0:
+        raise UsageError(
+            f"--max-length {sampling.max_length} leaves no room after the {len(ids)}-token prompt; "
+            "raise it or use --max-new-tokens"
+        )
+    return ids, new
+
+
+def generate_text(
+    model: GPT, prompt: str, sampling: SamplingConfig, device: torch.device, dtype: torch.dtype
+) -> list[str]:
+    """``num_samples`` continuations of ``prompt``, each with the prompt in front, generated as one batch."""
+    ids, new = prompt_ids(model, prompt, sampling)
+    idx = torch.tensor([ids] * sampling.num_samples, dtype=torch.long, device=device)  # (B, T)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    with devices.autocast(device, dtype):
+        out = model.generate(
+            idx,
+            new,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            generator=generator,
+            eos_token=EOT_TOKEN if sampling.stop_at_eot else None,
+        )
+    return [decode(_until_eot(row.tolist(), len(ids), sampling.stop_at_eot)) for row in out]
+
+
+def stream_text(
+    model: GPT, prompt: str, sampling: SamplingConfig, device: torch.device, dtype: torch.dtype
+) -> Iterator[str]:
+    """One sample (of batch 1), as pieces of text the moment they are decodable; the prompt comes first."""
+    ids, new = prompt_ids(model, prompt, sampling)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    tokens: list[int] = []
+    shown = ""
+    yield decode(ids) if prompt else ""
+    with devices.autocast(device, dtype):
+        stream = model.stream(idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+        for token in stream:
+            if sampling.stop_at_eot and int(token) == EOT_TOKEN:
+                break
+            tokens.append(int(token))
+            text = decode(tokens)
+            if not text.endswith("\ufffd"):  # hold back a character still split across tokens
+                yield text[len(shown) :]
+                shown = text
+    if len(decode(tokens)) > len(shown):
+        yield decode(tokens)[len(shown) :]
+
+
+def _until_eot(row: list[int], prompt_len: int, stop: bool) -> list[int]:
+    if stop and EOT_TOKEN in row[prompt_len:]:
+        return row[: prompt_len + row[prompt_len:].index(EOT_TOKEN)]
+    return row

@@ -1,0 +1,279 @@
+"""GPT-2, as in "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019).
+
+A decoder-only Transformer: token + learned position embeddings, a stack of pre-LayerNorm blocks (causal multi-head
+self-attention, then a GELU MLP, each added to the residual stream), a final LayerNorm, and an output head that shares
+its weight with the token embedding. Parameter names follow OpenAI's checkpoint (wte, wpe, h, ln_1, attn.c_attn, ...)
+so that weight conversion is a short list of transposes (see convert.py).
+
+Shape letters: B batch, T time (sequence), C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary,
+P past tokens held in the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so that each new token costs one position.
+
+    Buffers are allocated once for ``max_len`` positions and filled in place; ``length`` is how many are valid.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        assert max_len <= config.block_size
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)  # (L, B, nh, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, nh, T, hs); return all of them so far (B, nh, P+T, hs)."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(layer, k, v)  # (B, nh, P+T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0:  # the whole sequence is new: plain causal mask
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        elif T == 1:  # one new token may look at everything before it
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
+        else:  # new tokens see the past and the new tokens up to themselves
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # (T, P+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation of GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf, 2017), as GPT-2 does
+        self.apply(self._init_weights)
+        # GPT-2 paper, section 2.3: scale the weights of residual projections by 1/sqrt(N), N = 2 per block
+        # (attention and MLP each add to the residual stream once).
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)  # GPT-2's initialiser range
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> GPT:
+        """A GPT with published or saved weights: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (through
+        huggingface_hub), a transformers model directory, or a checkpoint of ours. Raises CheckpointError."""
+        from .convert import load_model  # weight formats live apart from the architecture
+
+        return load_model(name_or_path)[0]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of parameters, the tied embedding/head counted once; without wpe if ``non_embedding``."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for token ids ``idx`` (B, T), and the mean cross-entropy against ``targets`` if given.
+
+        Targets equal to -1 are ignored. With a ``cache``, ``idx`` continues the tokens already in it. With
+        ``last_only``, logits are computed for the last position alone: (B, 1, V).
+        Raises ValueError if the sequence would be longer than ``config.block_size``.
+        """
+        T = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the model's block size ({self.config.block_size})"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            # The loss in fp32 whatever the compute dtype: bf16 logits lose too much in the log-sum-exp.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of each row, (B,), ``max_new_tokens`` times, continuing the prompts ``idx`` (B, T).
+
+        Sampling: logits / temperature (0 means greedy), then keep the ``top_k`` most likely tokens and/or the
+        smallest set whose probability reaches ``top_p``. With ``use_cache`` each step feeds one token through
+        the model; past ``block_size`` the context slides (the cache is refilled with the last half-block).
+        """
+        assert idx.dim() == 2
+        block = self.config.block_size
+        context = idx
+        cache: KVCache | None = None
+        logits = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(context[:, -block:], last_only=True)
+            elif cache is None or cache.length + 1 > block:
+                # (Re)fill the cache with the prompt, or with the last half-block once the context is full.
+                keep = context if cache is None else context[:, -(block // 2) :]
+                keep = keep[:, -block:]
+                cache_len = min(block, keep.size(1) + max_new_tokens)
+                cache = KVCache(self.config, idx.size(0), cache_len, idx.device, self.lm_head.weight.dtype)
+                logits, _ = self(keep, cache=cache, last_only=True)
+            else:
+                assert logits is not None
+                logits, _ = self(context[:, -1:], cache=cache, last_only=True)
+            next_token = sample(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            context = torch.cat([context, next_token[:, None]], dim=1)  # (B, T+1)
+            yield next_token
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        eos_token: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """The prompts ``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + n).
+
+        With ``eos_token``, a row that produced it is padded with it from then on, and generation stops early once
+        every row has. See ``stream`` for the sampling arguments.
+        """
+        out = [idx]
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for token in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
+            if eos_token is not None:
+                token = token.masked_fill(done, eos_token)
+                done |= token == eos_token
+            out.append(token[:, None])
+            if eos_token is not None and bool(done.all()):
+                break
+        return torch.cat(out, dim=1)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row, (B,), drawn from ``logits`` (B, V) after temperature, top-k and top-p filtering."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
