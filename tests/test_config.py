@@ -1,0 +1,152 @@
+"""Model shapes and presets, the parameter count of GPT-2 124M, and validation that names the bad key or flag."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from gpt2scratch.config import PRESETS, GPTConfig, TrainConfig, flag, preset
+from gpt2scratch.errors import ConfigError, UsageError
+from gpt2scratch.model import GPT
+
+# The four published sizes: (n_layer, n_head, n_embd) and their parameter count, the tied head counted once.
+PUBLISHED = {
+    "gpt2": ((12, 12, 768), 124_439_808),
+    "gpt2-medium": ((24, 16, 1024), 354_823_168),
+    "gpt2-large": ((36, 20, 1280), 774_030_080),
+    "gpt2-xl": ((48, 25, 1600), 1_557_611_200),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_presets(name: str) -> None:
+    (n_layer, n_head, n_embd), _ = PUBLISHED[name]
+    config = preset(name)
+    assert (config.n_layer, config.n_head, config.n_embd) == (n_layer, n_head, n_embd)
+    assert (config.block_size, config.vocab_size, config.bias, config.dropout) == (1024, 50257, True, 0.0)
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_parameter_counts(name: str) -> None:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = GPT(preset(name))
+    expected = PUBLISHED[name][1]
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.num_params() == expected
+    assert model.num_params(non_embedding=True) == expected - 1024 * preset(name).n_embd
+
+
+def test_default_config_is_gpt2_124m() -> None:
+    assert GPTConfig() == PRESETS["gpt2"]
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    assert model.num_params() == 124_439_808
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, so counted once
+
+
+def test_small_presets_are_valid_and_smaller() -> None:
+    for name in ("small", "mini", "tiny"):
+        config = preset(name)
+        assert config.n_embd % config.n_head == 0
+        assert config.block_size <= 1024 and config.n_layer < 12
+
+
+def test_unknown_preset_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="gpt2-xl") as info:
+        preset("gpt5")
+    assert "'gpt5'" in str(info.value)
+
+
+def test_n_embd_must_be_divisible_by_n_head() -> None:
+    with pytest.raises(ConfigError, match=r"n_embd \(100\) must be divisible by n_head \(12\)"):
+        GPTConfig(n_embd=100, n_head=12)
+
+
+@pytest.mark.parametrize("key", ["block_size", "vocab_size", "n_layer", "n_head", "n_embd"])
+@pytest.mark.parametrize("value", [0, -1, 2.0, True, None])
+def test_sizes_must_be_positive_integers(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"\b{key} must be a positive integer, got {value!r}"):
+        GPTConfig(**{key: value})
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+def test_dropout_range(dropout: float) -> None:
+    with pytest.raises(ConfigError, match="dropout"):
+        GPTConfig(dropout=dropout)
+
+
+def test_config_errors_are_usage_errors() -> None:
+    # The CLI maps UsageError to exit code 2; a bad model shape is a usage mistake.
+    assert issubclass(ConfigError, UsageError)
+    assert ConfigError.exit_code == 2
+
+
+def test_dict_round_trip_and_unknown_keys() -> None:
+    config = GPTConfig(n_layer=3, n_head=4, n_embd=96, block_size=64, vocab_size=1000, dropout=0.1, bias=False)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="n_ctx, zzz"):
+        GPTConfig.from_dict({**config.to_dict(), "zzz": 1, "n_ctx": 64})
+
+
+def test_config_is_immutable() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GPTConfig().n_layer = 3  # type: ignore[misc]
+
+
+def test_default_train_config_is_valid() -> None:
+    TrainConfig().validate()
+    TrainConfig(preset="tiny", seq_len=128, max_steps=1, val_fraction=0.5, grad_clip=1.0, lr_schedule="cosine").validate()
+
+
+def test_train_config_overrides_the_preset() -> None:
+    cfg = TrainConfig(preset="tiny", n_layer=3, n_embd=48, n_head=3, block_size=32, dropout=0.2)
+    assert cfg.model_config() == GPTConfig(n_layer=3, n_head=3, n_embd=48, block_size=32, dropout=0.2)
+    assert TrainConfig(preset="mini").model_config() == PRESETS["mini"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"seq_len": 129, "preset": "tiny"}, r"-T/--seq-len \(129\) is larger than the model's block size \(128\)"),
+        ({"seq_len": 65, "preset": "tiny", "block_size": 64}, r"-T/--seq-len \(65\).*block size \(64\)"),
+        ({"seq_len": 0}, "-T/--seq-len must be a positive integer, got 0"),
+        ({"batch_size": 0}, "-B/--batch-size must be a positive integer, got 0"),
+        ({"grad_accum": -2}, "--grad-accum must be a positive integer"),
+        ({"eval_interval": 0}, "--eval-interval must be a positive integer"),
+        ({"eval_batches": -1}, "--eval-batches must be a positive integer"),
+        ({"log_interval": 0}, "--log-interval must be a positive integer"),
+        ({"max_steps": 0}, "--max-steps must be a positive integer"),
+        ({"max_tokens": -5}, "--max-tokens must be a positive integer"),
+        ({"n_layer": 0}, "--n-layer must be a positive integer"),
+        ({"n_head": -1}, "--n-head must be a positive integer"),
+        ({"block_size": 0}, "--block-size must be a positive integer"),
+        ({"snapshot_interval": -1}, "--snapshot-interval must be zero or positive, got -1"),
+        ({"keep_snapshots": -3}, "--keep-snapshots must be zero or positive"),
+        ({"warmup_steps": -10}, "--warmup-steps must be zero or positive"),
+        ({"lr": 0.0}, r"--lr must be in \(0, 10\), got 0.0"),
+        ({"lr": -3e-4}, "--lr must be in"),
+        ({"lr": float("nan")}, "--lr must be in"),
+        ({"lr": float("inf")}, "--lr must be in"),
+        ({"min_lr": 1e-3, "lr": 1e-4}, r"--min-lr must be in \[0, --lr\]"),
+        ({"min_lr": -1e-5}, "--min-lr"),
+        ({"weight_decay": -0.1}, "--weight-decay must be zero or positive"),
+        ({"grad_clip": -1.0}, "--grad-clip must be zero or positive"),
+        ({"val_fraction": 1.0}, r"--val-fraction must be in \[0, 1\)"),
+        ({"val_fraction": -0.1}, "--val-fraction"),
+        ({"input": "a.txt", "data": "shakespeare"}, "either --input or --data"),
+        ({"lr_schedule": "linear"}, "--lr-schedule must be constant or cosine"),
+        ({"preset": "huge"}, "unknown preset 'huge'"),
+        ({"preset": "tiny", "n_head": 3}, r"n_embd \(64\) must be divisible by n_head \(3\)"),
+    ],
+)
+def test_train_config_rejects_out_of_range_flags(overrides: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        TrainConfig(**overrides).validate()
+
+
+def test_flag_spelling() -> None:
+    assert flag("batch_size") == "-B/--batch-size"
+    assert flag("seq_len") == "-T/--seq-len"
+    assert flag("warmup_steps") == "--warmup-steps"
