@@ -97,7 +97,9 @@ def test_config_is_immutable() -> None:
 
 def test_default_train_config_is_valid() -> None:
     TrainConfig().validate()
-    TrainConfig(preset="tiny", seq_len=128, max_steps=1, val_fraction=0.5, grad_clip=1.0, lr_schedule="cosine").validate()
+    TrainConfig(
+        preset="tiny", seq_len=128, max_steps=1, val_fraction=0.5, grad_clip=1.0, lr_schedule="cosine"
+    ).validate()
 
 
 def test_train_config_overrides_the_preset() -> None:

@@ -16,7 +16,6 @@ import pickle
 import re
 import shutil
 import threading
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -206,18 +205,42 @@ def load(path: str | Path) -> dict[str, Any]:
     return state
 
 
+RESUME_KEYS = ("model_state_dict", "optimizer_state_dict", "step", "loss", "rng", "loader")
+
+
+def load_resumable(path: str | Path) -> dict[str, Any]:
+    """A checkpoint that holds everything needed to continue training from it."""
+    state = load(path)
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {', '.join(missing)}, so training cannot resume from it; use --init-from to start from "
+            "its weights instead"
+        )
+    return state
+
+
 def load_tensors_file(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True`` on the CPU, its failures turned into one-line CheckpointErrors."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"refused to load {path}: it contains Python objects other than tensors and plain values, "
-            "which could run code; only load files you trust with other tools"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err) or _starts_like_a_pickle(path):  # real pickled objects: loading could run code
+            raise CheckpointError(
+                f"refused to load {path}: it contains Python objects other than tensors and plain values, "
+                "which could run code; only load files you trust with other tools"
+            ) from None
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint (torch's safe loader cannot read it)") from None
+    except Exception as err:  # on garbage, torch's unpickler also raises IndexError, KeyError, TypeError, ...
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is truncated or corrupt ({reason[:120]})") from None
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {reason[:120]})") from None
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    """Whether the file begins with a pickle's PROTO opcode (protocol 2 to 5), as random bytes almost never do."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 class OutDirLock:

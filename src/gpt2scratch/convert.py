@@ -42,6 +42,7 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         "add_cross_attention": bool(hf.get("add_cross_attention", False)),
         "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
         "n_inner": hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)),
+        "tie_word_embeddings": hf.get("tie_word_embeddings", True) is not True,  # our lm_head is wte
     }
     bad = [f"{key}={hf.get(key)!r}" for key, is_bad in unsupported.items() if is_bad]
     if bad:
@@ -90,7 +91,12 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             continue
         name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
         ours[name] = tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor
-    ours.setdefault("lm_head.weight", ours["transformer.wte.weight"])  # tied: often saved once
+    wte = ours.get("transformer.wte.weight")
+    if wte is None:  # model_from_state names what is missing
+        return ours
+    ours.setdefault("lm_head.weight", wte)  # tied: often saved once
+    if not torch.equal(ours["lm_head.weight"], wte):
+        raise CheckpointError("lm_head.weight differs from transformer.wte.weight; gpt2-scratch ties them")
     return ours
 
 

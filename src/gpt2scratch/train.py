@@ -25,7 +25,7 @@ import torch
 from . import __version__, checkpoint, corpus, data, distributed
 from . import device as devices
 from .config import GPTConfig, TrainConfig
-from .convert import load_model
+from .convert import load_model, model_from_state
 from .distributed import DistInfo
 from .errors import CheckpointError, DataError, Interrupted, OutDirError, TrainingDiverged
 from .model import GPT
@@ -156,9 +156,8 @@ def initial_model(cfg: TrainConfig, resume: dict[str, Any] | None) -> GPT:
                 f"the checkpoint holds a model of shape {_shape(saved)}, this run asks for {_shape(wanted)}; "
                 "give the same --preset/--n-layer/--n-head/--n-embd/--block-size as the run that wrote it"
             )
-        model = GPT(GPTConfig.from_dict({**resume["config"], "dropout": cfg.dropout}))
-        model.load_state_dict(resume["model_state_dict"])
-        return model
+        config = GPTConfig.from_dict({**resume["config"], "dropout": cfg.dropout})
+        return model_from_state(config, resume["model_state_dict"], "the checkpoint to resume")
     if cfg.init_from is not None:
         pretrained, _ = load_model(cfg.init_from)
         config = GPTConfig.from_dict({**pretrained.config.to_dict(), "dropout": cfg.dropout})
@@ -229,7 +228,7 @@ def _train(
     resume = None
     if cfg.resume is not None:
         resume_path = checkpoint.find_latest(out_dir) if cfg.resume == "auto" else Path(cfg.resume)
-        resume = checkpoint.load(resume_path)
+        resume = checkpoint.load_resumable(resume_path)
         log.info("resuming from %s (step %d)", resume_path, resume["step"])
     corpus_ = prepare_corpus(cfg, out_dir, info, progress)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -241,8 +240,7 @@ def _train(
     torch.manual_seed(cfg.seed + info.rank)  # dropout differs between ranks
     if resume is not None:
         run = RunState(step=int(resume["step"]), loss=float(resume["loss"]))
-        if cfg.init_from is None:
-            optimizer.load_state_dict(resume["optimizer_state_dict"])
+        optimizer.load_state_dict(resume["optimizer_state_dict"])
         loader.load_state_dict(resume["loader"])
         if info.is_main:
             set_rng_state(resume["rng"], dev)

@@ -1,0 +1,370 @@
+"""The model: shapes, loss, the block-size limit, the KV cache, sampling, and that importing it stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, TINY
+
+from gpt2scratch.config import GPTConfig
+from gpt2scratch.model import GPT, KVCache, sample
+
+# Small shapes with a small vocabulary (logits far apart, tests in milliseconds); the last one without biases.
+CONFIGS = [
+    GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=97),
+    GPTConfig(n_layer=3, n_head=4, n_embd=48, block_size=24, vocab_size=101),
+    GPTConfig(n_layer=1, n_head=3, n_embd=24, block_size=16, vocab_size=89, bias=False),
+]
+
+
+def make_model(config: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():  # larger than the 0.02 init, so logits are spread out and greedy picks are clear
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+def random_ids(config: GPTConfig, B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run many small ops, several times faster on one thread than on two of a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return make_model(CONFIGS[0])
+
+
+# --- forward -----------------------------------------------------------------------------------------------------
+
+
+def test_forward_shapes(model: GPT) -> None:
+    idx = random_ids(model.config, 3, 10)
+    logits, loss = model(idx)
+    assert logits.shape == (3, 10, 97) and logits.dtype == torch.float32
+    assert loss is None
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (3, 1, 97)
+    torch.testing.assert_close(last, logits[:, -1:])
+
+
+def test_tiny_config_forward() -> None:
+    torch.manual_seed(0)
+    tiny = GPT(TINY).eval()
+    logits, loss = tiny(random_ids(TINY, 2, 64), random_ids(TINY, 2, 64, seed=2))
+    assert logits.shape == (2, 64, 50257)
+    assert loss is not None and abs(loss.item() - torch.log(torch.tensor(50257.0)).item()) < 0.5  # ~uniform at init
+
+
+def test_loss_is_cross_entropy(model: GPT) -> None:
+    idx, targets = random_ids(model.config, 2, 12), random_ids(model.config, 2, 12, seed=2)
+    logits, loss = model(idx, targets)
+    assert loss is not None and loss.shape == ()
+    expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_targets_of_minus_one_are_ignored(model: GPT) -> None:
+    idx, targets = random_ids(model.config, 2, 12), random_ids(model.config, 2, 12, seed=2)
+    targets[:, 8:] = -1
+    logits, loss = model(idx, targets)
+    expected = F.cross_entropy(logits[:, :8].reshape(-1, logits.size(-1)), targets[:, :8].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_causal(model: GPT) -> None:
+    idx = random_ids(model.config, 1, 16)
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % model.config.vocab_size
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])  # a position never sees the tokens after it
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_weights_are_tied(model: GPT) -> None:
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_sequence_longer_than_block_size_is_a_value_error(model: GPT) -> None:
+    model(random_ids(model.config, 1, 32))  # exactly the block size is fine
+    with pytest.raises(ValueError, match=r"sequence of 33 tokens is longer than the model's block size \(32\)"):
+        model(random_ids(model.config, 1, 33))
+
+
+def test_cache_overflow_is_a_value_error(model: GPT) -> None:
+    cache = KVCache(model.config, 1, 32, torch.device("cpu"), torch.float32)
+    model(random_ids(model.config, 1, 30), cache=cache)
+    with pytest.raises(ValueError, match=r"sequence of 33 tokens .* block size \(32\)"):
+        model(random_ids(model.config, 1, 3), cache=cache)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"L{c.n_layer}H{c.n_head}C{c.n_embd}")
+def test_cached_forward_in_chunks_equals_full_forward(config: GPTConfig) -> None:
+    """Prompt, then several tokens at once (the masked path), then one at a time: the same logits as one pass."""
+    model = make_model(config)
+    idx = random_ids(config, 2, config.block_size)
+    full, _ = model(idx)
+    cache = KVCache(config, 2, config.block_size, torch.device("cpu"), torch.float32)
+    pieces, start = [], 0
+    for size in (5, 4, 1, 1, 3, config.block_size - 14):
+        logits, _ = model(idx[:, start : start + size], cache=cache)
+        pieces.append(logits)
+        start += size
+    assert cache.length == config.block_size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# --- KV-cache generation -----------------------------------------------------------------------------------------
+
+# Two logits closer than this are a tie at this precision: rounding may decide either way between two equally valid
+# computations (cached or not), so greedy choices may differ there and only there.
+TIE = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def assert_same_greedy(model: GPT, a: torch.Tensor, b: torch.Tensor, prompt_len: int) -> None:
+    """Token for token equal, except that the first difference may be at a near-tie of the two chosen logits
+    (after which the sequences legitimately go their own ways). In float64 a near-tie does not happen."""
+    assert a.shape == b.shape
+    differ = (a != b).nonzero()
+    if len(differ) == 0:
+        return
+    row, t = (int(i) for i in differ[differ[:, 1].argmin()])
+    assert t >= prompt_len
+    logits, _ = model(a[row : row + 1, max(0, t - model.config.block_size) : t])
+    gap = (logits[0, -1, a[row, t]] - logits[0, -1, b[row, t]]).abs().item()
+    assert gap < TIE[logits.dtype], f"row {row} differs at position {t}, where the logits differ by {gap}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"L{c.n_layer}H{c.n_head}C{c.n_embd}")
+@pytest.mark.parametrize("prompt_len", [1, 7])
+def test_cached_greedy_generation_equals_uncached_within_block(
+    config: GPTConfig, prompt_len: int, dtype: torch.dtype
+) -> None:
+    model = make_model(config).to(dtype)
+    idx = random_ids(config, 3, prompt_len)
+    new = config.block_size - prompt_len  # fill the block exactly
+    with_cache = model.generate(idx, new, temperature=0, use_cache=True)
+    without = model.generate(idx, new, temperature=0, use_cache=False)
+    assert with_cache.shape == (3, config.block_size)
+    assert torch.equal(with_cache[:, :prompt_len], idx)
+    assert_same_greedy(model, with_cache, without, prompt_len)
+    if dtype == torch.float64:
+        assert torch.equal(with_cache, without)
+    assert len({tuple(row) for row in with_cache[:, prompt_len:].tolist()}) > 1  # rows really differ
+
+
+def sliding_greedy_reference(model: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding without a cache over the window ``stream`` documents: the whole context while it fits,
+    then, once it would exceed the block, only the last half-block, growing again until the next slide."""
+    block = model.config.block_size
+    context, start = idx, max(0, idx.size(1) - block)
+    for _ in range(max_new_tokens):
+        if context.size(1) - start > block:
+            start = context.size(1) - block // 2
+        logits, _ = model(context[:, start:])
+        context = torch.cat([context, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return context
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"L{c.n_layer}H{c.n_head}C{c.n_embd}")
+def test_cached_greedy_generation_past_block_size(config: GPTConfig) -> None:
+    model = make_model(config).double()  # exact comparisons: no near-ties at this precision
+    idx = random_ids(config, 2, 5)
+    new = 3 * config.block_size  # the context slides several times
+    with_cache = model.generate(idx, new, temperature=0, use_cache=True)
+    without = model.generate(idx, new, temperature=0, use_cache=False)
+    assert with_cache.shape == without.shape == (2, 5 + new)
+    # Within the block both see the same context, so they agree token for token.
+    assert torch.equal(with_cache[:, : config.block_size], without[:, : config.block_size])
+    # Past it, the cache keeps the documented sliding window, and matches a cache-free decoder of that window.
+    assert torch.equal(with_cache, sliding_greedy_reference(model, idx, new))
+
+
+def test_prompt_as_long_as_the_block() -> None:
+    model = make_model(CONFIGS[0]).double()
+    idx = random_ids(model.config, 2, model.config.block_size)
+    out = model.generate(idx, 10, temperature=0)
+    assert out.shape == (2, model.config.block_size + 10)
+    assert torch.equal(out, sliding_greedy_reference(model, idx, 10))
+
+
+# --- sampling ----------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_samples_other_seed_other_samples(model: GPT) -> None:
+    idx = random_ids(model.config, 4, 3)
+
+    def run(seed: int) -> torch.Tensor:
+        return model.generate(idx, 20, temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(seed))
+
+    first = run(1234)
+    assert torch.equal(first, run(1234))
+    assert not torch.equal(first, run(1235))
+    # Without an explicit generator, the global seed decides.
+    torch.manual_seed(7)
+    a = model.generate(idx, 20, top_k=None)
+    torch.manual_seed(7)
+    assert torch.equal(a, model.generate(idx, 20, top_k=None))
+
+
+def test_stream_yields_the_tokens_of_generate(model: GPT) -> None:
+    idx = random_ids(model.config, 3, 4)
+    generated = model.generate(idx, 40, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    tokens = list(model.stream(idx, 40, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3)))
+    assert len(tokens) == 40 and all(t.shape == (3,) for t in tokens)
+    assert torch.equal(torch.stack(tokens, dim=1), generated[:, 4:])
+
+
+def test_temperature_zero_is_argmax() -> None:
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, temperature=0, top_k=3, top_p=0.5), logits.argmax(-1))
+
+
+LOGITS = torch.randn(1, 40, generator=torch.Generator().manual_seed(11)) * 2  # one fixed distribution over 40 tokens
+DRAWS = 20_000
+
+
+def draw(logits: torch.Tensor, **kwargs) -> torch.Tensor:
+    """DRAWS samples from one row of logits, as one batch."""
+    return sample(logits.expand(DRAWS, -1), generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 39])
+def test_top_k_keeps_only_the_k_most_likely(k: int) -> None:
+    drawn = draw(LOGITS, top_k=k)
+    allowed = set(LOGITS[0].topk(k).indices.tolist())
+    seen = set(drawn.tolist())
+    assert seen <= allowed
+    assert seen == allowed or k == 39  # with 20,000 draws every kept token shows up (the 39th may be rare)
+    # Frequencies follow the renormalised distribution over the kept tokens.
+    probs = LOGITS[0].softmax(-1)
+    kept = torch.zeros_like(probs)
+    kept[list(allowed)] = probs[list(allowed)]
+    expected = kept / kept.sum()
+    freq = torch.bincount(drawn, minlength=40).float() / DRAWS
+    assert (freq - expected).abs().max() < 0.015
+
+
+def test_top_k_larger_than_the_vocabulary_is_plain_sampling() -> None:
+    freq = torch.bincount(draw(LOGITS, top_k=1000), minlength=40).float() / DRAWS
+    assert (freq - LOGITS[0].softmax(-1)).abs().max() < 0.015
+
+
+@pytest.mark.parametrize(
+    ("top_p", "nucleus"),
+    [(0.3, {0}), (0.45, {0}), (0.55, {0, 1}), (0.75, {0, 1}), (0.85, {0, 1, 2}), (0.99, {0, 1, 2, 3}), (1.0, None)],
+)
+def test_top_p_keeps_only_the_nucleus(top_p: float, nucleus: set[int] | None) -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    order = torch.tensor([2, 0, 3, 1])  # token ids not in probability order, to exercise the un-sorting
+    logits = torch.empty(1, 4)
+    logits[0, order] = probs.log()
+    drawn = draw(logits, top_p=top_p)
+    ranks = {int((order == t).nonzero()) for t in set(drawn.tolist())}  # back to 0 = most likely
+    expected = nucleus if nucleus is not None else {0, 1, 2, 3}
+    assert ranks == expected
+    freq = torch.bincount(drawn, minlength=4).float()[order] / DRAWS  # by rank
+    kept = torch.tensor([p if i in expected else 0.0 for i, p in enumerate(probs.tolist())])
+    assert (freq - kept / kept.sum()).abs().max() < 0.015
+
+
+def test_top_k_and_top_p_per_row() -> None:
+    logits = torch.stack([LOGITS[0], LOGITS[0].flip(0)])  # two rows with different favourites
+    drawn = sample(logits.repeat(2000, 1), top_k=3, generator=torch.Generator().manual_seed(0)).view(2000, 2)
+    assert set(drawn[:, 0].tolist()) == set(LOGITS[0].topk(3).indices.tolist())
+    assert set(drawn[:, 1].tolist()) == set(LOGITS[0].flip(0).topk(3).indices.tolist())
+
+
+def test_generate_with_top_k_samples_within_the_model_top_k(model: GPT) -> None:
+    k, prompt, new = 3, 4, 6
+    idx = random_ids(model.config, 1, prompt).expand(200, -1)
+    out = model.generate(idx, new, temperature=1.0, top_k=k, generator=torch.Generator().manual_seed(0))
+    for t in range(prompt, prompt + new):
+        logits, _ = model(out[:, :t], last_only=True)
+        kth = logits[:, -1].topk(k).values[:, -1]  # (B,)
+        chosen = logits[:, -1].gather(1, out[:, t : t + 1]).squeeze(1)  # (B,)
+        assert bool((chosen >= kth - 1e-5).all()), f"a token outside the top {k} at position {t}"
+    assert len(set(out[:, prompt].tolist())) == k  # the first new token does use all k choices
+
+
+def test_generate_with_top_p_samples_within_the_nucleus(model: GPT) -> None:
+    top_p, prompt = 0.6, 4
+    idx = random_ids(model.config, 1, prompt).expand(300, -1)
+    out = model.generate(idx, 1, top_k=None, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    logits, _ = model(idx[:1])
+    probs, order = logits[0, -1].softmax(-1).sort(descending=True)
+    size = int((probs.cumsum(0) < top_p).sum()) + 1  # the smallest prefix reaching top_p
+    assert set(out[:, -1].tolist()) <= set(order[:size].tolist())
+
+
+# --- end of text -------------------------------------------------------------------------------------------------
+
+
+def test_eos_token_pads_finished_rows_and_stops_when_all_are_done(model: GPT) -> None:
+    idx = random_ids(model.config, 3, 2)
+    plain = model.generate(idx, 20, temperature=0)
+    new = plain[:, 2:]
+    eos = int(new[0, 3])  # row 0 produces it at step 3 (or earlier)
+    out = model.generate(idx, 20, temperature=0, eos_token=eos)
+    firsts = []
+    for row in range(3):
+        hits = (new[row] == eos).nonzero()
+        first = int(hits[0]) if len(hits) else None
+        firsts.append(first)
+        got = out[row, 2:]
+        if first is None:
+            assert torch.equal(got, new[row, : got.size(0)])
+        else:
+            assert torch.equal(got[: first + 1], new[row, : first + 1])
+            assert bool((got[first:] == eos).all())
+    if all(f is not None for f in firsts):
+        assert out.size(1) == 2 + max(firsts) + 1  # stopped as soon as every row had ended
+    else:
+        assert out.size(1) == 22
+
+
+def test_eos_stops_early() -> None:
+    model = make_model(CONFIGS[0])
+    idx = random_ids(model.config, 1, 3)
+    plain = model.generate(idx, 15, temperature=0)
+    eos = int(plain[0, 3 + 4])
+    first = int((plain[0, 3:] == eos).nonzero()[0])
+    out = model.generate(idx, 15, temperature=0, eos_token=eos)
+    assert torch.equal(out, plain[:, : 3 + first + 1])
+
+
+# --- imports -----------------------------------------------------------------------------------------------------
+
+
+def test_importing_the_model_does_not_import_transformers() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import gpt2scratch
+        import gpt2scratch.model
+        import gpt2scratch.convert
+        import gpt2scratch.generate
+        import gpt2scratch.tokenizer
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "huggingface_hub"))
+        print("HEAVY:", heavy)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY: []" in result.stdout
