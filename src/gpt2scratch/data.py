@@ -8,6 +8,7 @@ over the whole text, with peak memory independent of the input's size and every 
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import os
@@ -83,8 +84,27 @@ def _text_chunks(path: Path) -> Iterator[str]:
                     carry = text  # no safe cut yet (one enormous line): keep reading
             if carry:
                 yield carry
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8") from None
+    except UnicodeDecodeError:
+        offset = _first_bad_utf8_byte(path)
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset}); convert it to UTF-8") from None
+
+
+def _first_bad_utf8_byte(path: Path) -> int:
+    """The offset in the file of the first byte that is not UTF-8 (the text reader's own offset counts from its
+    current buffer, not from the start of the file)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                return offset - pending + err.start
+            if not block:
+                return offset
+            offset += len(block)
 
 
 def tokenize_files(files: list[Path], out_path: Path, progress: Progress | None = None) -> int:

@@ -68,6 +68,15 @@ def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def gather_objects(obj: object, info: DistInfo) -> list[object]:
+    """``obj`` of every rank, in rank order, on every rank (``[obj]`` with one process). Every rank must call it."""
+    if not info.enabled:
+        return [obj]
+    gathered: list[object] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """Rank 0's ``flag`` on every rank, so that all ranks take the same branch."""
     if not info.enabled:

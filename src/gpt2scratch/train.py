@@ -226,6 +226,8 @@ def _train(
 ) -> TrainResult:
     # ---- set-up: checkpoint to resume, data, model, optimizer ----
     resume = None
+    if cfg.resume is None and info.is_main:
+        refuse_to_overwrite(out_dir)
     if cfg.resume is not None:
         resume_path = checkpoint.find_latest(out_dir) if cfg.resume == "auto" else Path(cfg.resume)
         resume = checkpoint.load_resumable(resume_path)
@@ -242,7 +244,10 @@ def _train(
         run = RunState(step=int(resume["step"]), loss=float(resume["loss"]))
         optimizer.load_state_dict(resume["optimizer_state_dict"])
         loader.load_state_dict(resume["loader"])
-        if info.is_main:
+        per_rank = resume.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == info.world_size:
+            set_rng_state(per_rank[info.rank], dev)  # each rank continues its own dropout stream
+        elif info.is_main:
             set_rng_state(resume["rng"], dev)
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
@@ -252,10 +257,10 @@ def _train(
         log.info("compiling the model (the first step takes ~20-30 s longer)")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size
     writer = checkpoint.SnapshotWriter(out_dir, cfg.keep_snapshots)
-    metrics = MetricsLog(out_dir / "metrics.jsonl" if info.is_main else None)
+    metrics = MetricsLog(out_dir / "metrics.jsonl" if info.is_main else None, after_step=run.step)
     started, first_step = time.perf_counter(), run.step
 
-    def state(kind: str) -> dict[str, Any]:
+    def state(kind: str, rngs: list[Any]) -> dict[str, Any]:
         """Everything resume needs, plus what a reader of the file wants to know."""
         return {
             "format_version": checkpoint.FORMAT_VERSION,
@@ -266,7 +271,8 @@ def _train(
             "config": model.config.to_dict(),
             "step": run.step,
             "loss": run.loss,
-            "rng": rng_state(dev),
+            "rng": rngs[0],
+            "rng_per_rank": rngs,
             "loader": loader.state_dict(),
             "train_args": cfg.to_dict(),
             "metadata": {
@@ -284,7 +290,7 @@ def _train(
             },
         }
 
-    def save_snapshot(background: bool = True) -> Path:
+    def save_snapshot(rngs: list[Any], background: bool = True) -> Path:
         """Snapshot of this step (rank 0 only); never of weights that hold NaN or inf."""
         if not all_finite(model):
             raise TrainingDiverged(
@@ -292,7 +298,7 @@ def _train(
             )
         path = checkpoint.snapshot_path(out_dir, run.step)
         if path != run.last_snapshot:
-            writer.submit(state("snapshot"), path, background=background)
+            writer.submit(state("snapshot", rngs), path, background=background)
             run.last_snapshot = path
         return path
 
@@ -345,22 +351,26 @@ def _train(
                 # ---- stop at the target, snapshot, or stop on a signal ----
                 if run.loss <= cfg.target_loss:
                     break
-                if info.is_main and cfg.snapshot_interval and run.step % cfg.snapshot_interval == 0:
-                    save_snapshot()
-                if stop_requested:
+                if cfg.snapshot_interval and run.step % cfg.snapshot_interval == 0:
+                    rngs = distributed.gather_objects(rng_state(dev), info)  # every rank's, for an exact resume
                     if info.is_main:
-                        save_snapshot(background=False)
+                        save_snapshot(rngs)
+                if stop_requested:
+                    rngs = distributed.gather_objects(rng_state(dev), info)
+                    if info.is_main:
+                        save_snapshot(rngs, background=False)
                     distributed.barrier(info)
                     raise Interrupted(str(run.last_snapshot))
         # ---- the end: a final model at the target, else the last step as a snapshot ----
         reached = run.loss <= cfg.target_loss
         model_path = out_dir / checkpoint.FINAL_NAME
+        rngs = distributed.gather_objects(rng_state(dev), info)
         if info.is_main:
             writer.wait()
             if reached:
                 if not all_finite(model):
                     raise TrainingDiverged(f"the weights hold NaN/inf at step {run.step}; no final model written")
-                checkpoint.save(checkpoint.stage(state("final")), model_path)
+                checkpoint.save(checkpoint.stage(state("final", rngs)), model_path)
                 log.info(
                     "reached loss %.6f <= %g at step %d; final model: %s",
                     run.loss,
@@ -369,7 +379,7 @@ def _train(
                     model_path,
                 )
             else:
-                model_path = save_snapshot(background=False)
+                model_path = save_snapshot(rngs, background=False)
                 log.info(
                     "stopped at --max-steps %d with loss %.6f, above the target %g; last step saved as %s",
                     run.step,
@@ -397,8 +407,14 @@ class RunState:
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per step, appended (so a resumed run continues the file). Rank 0 only."""
 
-    def __init__(self, path: Path | None):
-        self._file = open(path, "a") if path is not None else None  # noqa: SIM115 (closed by close())
+    def __init__(self, path: Path | None, after_step: int = 0):
+        self._file = None
+        if path is None:
+            return
+        if path.exists():  # a resumed run replaces what the run it continues logged after its snapshot
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= after_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(path, "a")  # noqa: SIM115 (closed by close())
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
@@ -408,6 +424,24 @@ class MetricsLog:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn or foreign line: drop it
+
+
+def refuse_to_overwrite(out_dir: Path) -> None:
+    """OutDirError if a fresh run would write over (and prune away) the results of an earlier run."""
+    earlier = [p.name for p in (out_dir / checkpoint.FINAL_NAME,) if p.exists()]
+    earlier += [p.name for _, p in checkpoint.list_snapshots(out_dir)]
+    if earlier:
+        raise OutDirError(
+            f"{out_dir} already holds an earlier run ({', '.join(earlier[-2:])}); continue it with --resume auto, "
+            "or start afresh with another --out-dir (or delete that one)"
+        )
 
 
 def progress_line(record: dict[str, Any], elapsed: float, steps_done: int, cfg: TrainConfig) -> str:

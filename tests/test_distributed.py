@@ -1,0 +1,139 @@
+"""Data-parallel training under torchrun (2 processes, gloo on the CPU) computes what one process computes with the
+combined batch, writes its files once, and resumes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed
+from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, run_cli
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
+]
+
+# Identical runs but for the split of the batch: 2 ranks x B=2 against 1 process x B=4.
+# TINY_TRAIN_FLAGS compute in float32, so the two agree to rounding.
+FLAGS = [*TINY_TRAIN_FLAGS, "--target-loss", "0", "--snapshot-interval", "5", "--keep-snapshots", "0"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # per rank: two ranks share the two cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 train.py FLAGS``: run_cli runs ``python SCRIPT ARGS``, and ``-m`` as SCRIPT
+    makes that ``python -m torch.distributed.run ...``, which is torchrun."""
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    return run_cli(*launcher, str(REPO / "train.py"), *flags, script="-m", cwd=cwd, env=ONE_THREAD)
+
+
+def single(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli(*flags, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
+
+
+def metrics(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
+
+
+def assert_close_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5, msg=name)
+
+
+def assert_close_losses(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One process to step 8; two ranks to step 5; two ranks resumed from their step-5 snapshot to step 8."""
+    cwd = tmp_path_factory.mktemp("distributed")
+    (cwd / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    one = single(*FLAGS, "-B", "4", "--max-steps", "8", "--out-dir", "one", cwd=cwd)
+    two = torchrun(*FLAGS, "-B", "2", "--max-steps", "5", "--out-dir", "two", cwd=cwd)
+    snapshot = str(cwd / "two" / "snapshots" / "snapshot_step_5.pt")
+    resumed = torchrun(*FLAGS, "-B", "2", "--max-steps", "8", "--resume", snapshot, "--out-dir", "resumed", cwd=cwd)
+    return {"cwd": cwd, "one": one, "two": two, "resumed": resumed}
+
+
+def test_runs_succeed(runs: dict[str, Any]) -> None:
+    for name in ("one", "two", "resumed"):
+        result = runs[name]
+        assert result.returncode == 0, f"{name}: {result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        assert "Traceback" not in result.stderr
+
+
+def test_two_ranks_compute_what_one_process_computes(runs: dict[str, Any]) -> None:
+    cwd = runs["cwd"]
+    assert_close_losses(metrics(cwd / "two"), metrics(cwd / "one")[:5])
+    assert_close_weights(
+        cwd / "two" / "snapshots" / "snapshot_step_5.pt", cwd / "one" / "snapshots" / "snapshot_step_5.pt"
+    )
+
+
+def test_only_rank_0_writes(runs: dict[str, Any]) -> None:
+    cwd, result = runs["cwd"], runs["two"]
+    assert [r["step"] for r in metrics(cwd / "two")] == [1, 2, 3, 4, 5]  # one line per step, not one per rank
+    assert sorted(p.name for p in (cwd / "two" / "snapshots").iterdir()) == ["snapshot_step_5.pt"]
+    assert sorted(p.name for p in (cwd / "two").iterdir() if not p.name.startswith(".")) == [
+        "cache",
+        "metrics.jsonl",
+        "snapshots",
+    ]
+    assert len(list((cwd / "two" / "cache").iterdir())) == 1
+    assert result.stdout.count("step      3 |") == 1  # progress lines from rank 0 only
+    assert result.stdout.count("stopped at --max-steps 5") == 1
+    snapshot = torch.load(cwd / "two" / "snapshots" / "snapshot_step_5.pt", weights_only=True)
+    assert snapshot["metadata"]["world_size"] == 2
+    assert snapshot["metadata"]["tokens_seen"] == 5 * 2 * 2 * 16  # steps x ranks x B x T
+
+
+def test_resume_under_torchrun(runs: dict[str, Any]) -> None:
+    cwd, result = runs["cwd"], runs["resumed"]
+    assert "resuming from" in result.stdout and "(step 5)" in result.stdout
+    assert_close_losses(metrics(cwd / "resumed"), metrics(cwd / "one")[5:])
+    assert_close_weights(
+        cwd / "resumed" / "snapshots" / "snapshot_step_8.pt", cwd / "one" / "snapshots" / "snapshot_step_8.pt"
+    )
+
+
+@pytest.fixture(scope="module")
+def dropout_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two ranks with dropout: straight to step 4, and resumed from the step-2 snapshot to step 4."""
+    cwd = tmp_path_factory.mktemp("dropout")
+    (cwd / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    flags = [*FLAGS, "-B", "2", "--dropout", "0.2", "--snapshot-interval", "2", "--max-steps", "4"]
+    straight = torchrun(*flags, "--out-dir", "straight", cwd=cwd)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    snapshot = cwd / "straight" / "snapshots" / "snapshot_step_2.pt"
+    resumed = torchrun(*flags, "--resume", str(snapshot), "--out-dir", "resumed", cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    return cwd
+
+
+def test_resume_with_dropout_under_torchrun_is_exact(dropout_runs: Path) -> None:
+    """Bug: a snapshot holds rank 0's RNG state only, and only rank 0 restores it; every other rank restarts from
+    ``seed + rank``, so after a resume its dropout masks repeat those of step 1 and the losses leave the straight
+    run's (one process resumes exactly: see test_train.py::test_resume_continues_exactly)."""
+    straight, resumed = metrics(dropout_runs / "straight"), metrics(dropout_runs / "resumed")
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[2:]]

@@ -1,0 +1,332 @@
+"""The training loop, end to end: to a target loss, snapshots and their retention, the files a run writes, exact
+resume, and the options that change how a step is computed (dtype, validation, gradient accumulation).
+
+Runs go through ``python train.py`` as a user would, except where only the loop's numbers matter: those call
+``gpt2scratch.train.train`` in this process, which saves the start-up time of a subprocess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, run_cli
+
+import gpt2scratch
+from gpt2scratch import data
+from gpt2scratch.cli import build_parser
+from gpt2scratch.config import TrainConfig
+from gpt2scratch.device import cpu_has_bf16
+from gpt2scratch.errors import CheckpointError
+from gpt2scratch.train import train
+
+# One thread per run: the test machine has two cores shared with other work, and a second OpenMP thread that
+# waits for a busy core makes a step several times slower. Runs compared with each other must use the same count anyway.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+TOKENS_PER_STEP = 4 * 16  # -B 4 -T 16 of TINY_TRAIN_FLAGS
+
+SNAPSHOT_KEYS = {"model_state_dict", "optimizer_state_dict", "step", "loss", "config", "rng", "loader", "train_args"}
+SNAPSHOT_KEYS |= {"format_version"}
+FINAL_KEYS = {"model_state_dict", "optimizer_state_dict", "config", "step", "loss", "metadata"}
+METADATA_KEYS = {"time", "tokens_seen", "wall_seconds", "target_loss", "input", "input_sha256", "device", "dtype"}
+METADATA_KEYS |= {"gpt2scratch_version", "torch_version"}
+
+
+def train_py(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python train.py`` with the tiny flags, then ``flags`` (later flags win), in ``cwd``."""
+    return run_cli(*TINY_TRAIN_FLAGS, *flags, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
+
+
+def tiny_config(tmp_path: Path, *flags: str) -> TrainConfig:
+    """The TrainConfig that ``train.py`` builds from the tiny flags and ``flags``, reading ``tmp_path/input.txt``."""
+    args = build_parser().parse_args(["train", *TINY_TRAIN_FLAGS, *flags])
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return dataclasses.replace(cfg, input=str(tmp_path / "input.txt"), out_dir=str(tmp_path / "out"))
+
+
+def make_input(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    return folder
+
+
+def metrics(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot_steps(out_dir: Path) -> list[int]:
+    """Steps of the snapshots in ``out_dir``, asserting that the folder holds nothing else (no temporaries)."""
+    names = [p.name for p in (out_dir / "snapshots").iterdir()]
+    steps = sorted(int(m.group(1)) for name in names if (m := re.fullmatch(r"snapshot_step_(\d+)\.pt", name)))
+    assert len(steps) == len(names), names
+    return steps
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.fixture
+def in_process(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Run ``train`` here on one thread, and give back the global torch state it sets (seed, matmul precision)."""
+    threads, precision, rng = torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.get_rng_state()
+    torch.set_num_threads(1)
+    caplog.set_level(logging.INFO, logger="gpt2scratch")
+    yield
+    torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision(precision)
+    torch.set_rng_state(rng)
+
+
+# ---- a run to the target loss: exit code, snapshots, files, metrics, samples ----
+# The tests of a section share one module-scoped run; they are all `slow` because whichever runs first pays for it.
+
+TARGET = 1.0
+
+
+@pytest.fixture(scope="module")
+def to_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """A run to loss 1.0, snapshots every 10 steps keeping 2, with the samples printed at the end."""
+    cwd = make_input(tmp_path_factory.mktemp("to_target"))
+    flags = [f for f in TINY_TRAIN_FLAGS if f != "--no-sample"]
+    extra = ["--target-loss", str(TARGET), "--snapshot-interval", "10", "--keep-snapshots", "2"]
+    result = run_cli(*flags, *extra, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
+    return result, cwd / "out"
+
+
+@pytest.mark.slow
+def test_reaches_the_target_and_prints_samples(to_target: tuple[subprocess.CompletedProcess, Path]) -> None:
+    result, out = to_target
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    final = load(out / "final_model.pt")
+    assert final["loss"] <= TARGET
+    assert f"reached loss {final['loss']:.6f} <= 1 at step {final['step']}; final model: out/final_model.pt" in (
+        result.stdout
+    )
+    assert "samples from out/final_model.pt" in result.stdout
+    for i in range(1, 6):
+        assert f"--- sample {i} ---\nHello, I'm a language model," in result.stdout
+
+
+@pytest.mark.slow
+def test_snapshots_every_10_steps_keeping_the_newest_2(to_target: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, out = to_target
+    last = load(out / "final_model.pt")["step"]
+    assert last > 20, "the run should be long enough to prune snapshots"
+    # A snapshot at every multiple of 10 before the last step (at the last step the target was reached: no snapshot).
+    assert snapshot_steps(out) == list(range(10, last, 10))[-2:]
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+def test_every_file_loads_with_weights_only(to_target: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, out = to_target
+    for step in snapshot_steps(out):
+        snapshot = load(out / "snapshots" / f"snapshot_step_{step}.pt")
+        assert set(snapshot) >= SNAPSHOT_KEYS, SNAPSHOT_KEYS - set(snapshot)
+        assert snapshot["step"] == step
+        assert snapshot["loader"]["position"] % TOKENS_PER_STEP == 0
+        assert snapshot["train_args"]["target_loss"] == TARGET
+        assert isinstance(snapshot["rng"]["cpu"], torch.Tensor)
+    final = load(out / "final_model.pt")
+    assert set(final) >= FINAL_KEYS, FINAL_KEYS - set(final)
+    assert type(final["config"]) is dict
+    assert final["config"]["n_embd"] == 32 and final["config"]["block_size"] == 64
+    assert all(type(v) in (int, float, bool) for v in final["config"].values())
+
+
+@pytest.mark.slow
+def test_final_model_metadata(to_target: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, out = to_target
+    final = load(out / "final_model.pt")
+    meta = final["metadata"]
+    assert type(meta) is dict and set(meta) >= METADATA_KEYS, METADATA_KEYS - set(meta)
+    assert meta["tokens_seen"] == final["step"] * TOKENS_PER_STEP
+    assert meta["target_loss"] == TARGET
+    assert meta["input"] == "input.txt"
+    assert meta["input_sha256"] == data.content_hash([out.parent / "input.txt"])
+    assert meta["device"] == "cpu" and meta["dtype"] == "float32"
+    assert meta["gpt2scratch_version"] == gpt2scratch.__version__
+    assert meta["torch_version"] == torch.__version__
+    assert meta["wall_seconds"] > 0 and meta["time"][:2] == "20"
+
+
+@pytest.mark.slow
+def test_metrics_one_line_per_step(to_target: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, out = to_target
+    final = load(out / "final_model.pt")
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, final["step"] + 1))
+    for record in records:
+        assert {"step", "loss", "lr", "tokens_per_sec"} <= set(record)
+        assert record["lr"] == pytest.approx(3e-3) and record["tokens_per_sec"] > 0
+    assert records[-1]["loss"] == pytest.approx(final["loss"], abs=1e-6) and records[-1]["loss"] <= TARGET
+    assert all(r["loss"] > TARGET for r in records[:-1])  # it stops at the first step at or below the target
+
+
+# ---- a run stopped by --max-steps, resumed exactly, automatically, or into the wrong shape ----
+
+RESUMABLE = ["--target-loss", "0", "--snapshot-interval", "10", "--keep-snapshots", "0"]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 steps that never reach the target, a snapshot every 10; returns the folder holding input.txt and out/."""
+    cwd = make_input(tmp_path_factory.mktemp("run_a"))
+    result = train_py(*RESUMABLE, "--max-steps", "30", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(run_a: Path, tmp_path: Path) -> None:
+    out_a, out_b = run_a / "out", tmp_path / "out_b"
+    snapshot = out_a / "snapshots" / "snapshot_step_10.pt"
+    result = train_py(*RESUMABLE, "--max-steps", "30", "--resume", str(snapshot), "--out-dir", str(out_b), cwd=run_a)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {snapshot} (step 10)" in result.stdout
+
+    def steps_and_losses(out: Path) -> list[tuple[int, float, float]]:
+        return [(r["step"], r["loss"], r["lr"]) for r in metrics(out) if r["step"] > 10]
+
+    assert [r["step"] for r in metrics(out_b)] == list(range(11, 31))
+    assert steps_and_losses(out_b) == steps_and_losses(out_a)
+    assert snapshot_steps(out_b) == [20, 30]
+    a, b = load(out_a / "snapshots" / "snapshot_step_30.pt"), load(out_b / "snapshots" / "snapshot_step_30.pt")
+    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
+    for name, weight in a["model_state_dict"].items():
+        assert torch.equal(weight, b["model_state_dict"][name]), name
+    for index, state in a["optimizer_state_dict"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer_state_dict"]["state"][index][key]), (index, key)
+    assert a["loader"] == b["loader"] and a["loss"] == b["loss"] and b["step"] == 30
+
+
+@pytest.fixture(scope="module")
+def resumed_auto(run_a: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """A copy of run A's out dir, continued with --resume auto to --max-steps 33 (not a snapshot interval)."""
+    out = tmp_path_factory.mktemp("auto") / "out"
+    shutil.copytree(run_a / "out", out)
+    result = train_py(*RESUMABLE, "--max-steps", "33", "--resume", "auto", "--out-dir", str(out), cwd=run_a)
+    return result, out
+
+
+@pytest.mark.slow
+def test_resume_auto_picks_the_newest_snapshot(resumed_auto: tuple[subprocess.CompletedProcess, Path]) -> None:
+    result, out = resumed_auto
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {out / 'snapshots' / 'snapshot_step_30.pt'} (step 30)" in result.stdout
+    assert [r["step"] for r in metrics(out)] == list(range(1, 34))  # run A's 30 lines, then 31..33 appended
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_input_does_not_tokenize(
+    run_a: Path, resumed_auto: tuple[subprocess.CompletedProcess, Path]
+) -> None:
+    result, out = resumed_auto
+    assert "tokenizing" not in result.stdout
+    [original] = (run_a / "out" / "cache").iterdir()
+    [cached] = (out / "cache").iterdir()  # copied with its modification time
+    assert cached.name == original.name and cached.stat().st_mtime_ns == original.stat().st_mtime_ns
+
+
+@pytest.mark.slow
+def test_max_steps_without_the_target_snapshots_the_last_step(
+    resumed_auto: tuple[subprocess.CompletedProcess, Path],
+) -> None:
+    result, out = resumed_auto
+    assert result.returncode == 0, result.stderr
+    last = out / "snapshots" / "snapshot_step_33.pt"
+    assert snapshot_steps(out) == [10, 20, 30, 33]
+    assert not (out / "final_model.pt").exists()
+    assert "stopped at --max-steps 33 with loss" in result.stdout
+    assert f"above the target 0; last step saved as {last}" in result.stdout
+    snapshot = load(last)
+    assert snapshot["step"] == 33 and snapshot["loss"] == pytest.approx(metrics(out)[-1]["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_into_another_shape_is_one_line(run_a: Path, tmp_path: Path) -> None:
+    snapshot = run_a / "out" / "snapshots" / "snapshot_step_10.pt"
+    flags = ["--resume", str(snapshot), "--n-embd", "64", "--out-dir", str(tmp_path / "out")]
+    result = train_py(*RESUMABLE, "--max-steps", "12", *flags, cwd=run_a)
+    assert_one_line_error(result, "n_embd=32", "n_embd=64")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_fresh_run_in_a_used_out_dir_is_refused(run_a: Path, tmp_path: Path) -> None:
+    """A new run must not write over an earlier run's snapshots (its retention would prune them away)."""
+    out = tmp_path / "out"
+    shutil.copytree(run_a / "out", out)  # snapshots 10, 20, 30 of an earlier run
+    before = sorted(p.name for p in (out / "snapshots").iterdir())
+    result = train_py("--target-loss", "0", "--max-steps", "7", "--out-dir", str(out), cwd=run_a)
+    assert result.returncode == 1
+    assert "already holds an earlier run" in result.stderr and "--resume auto" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == before
+
+
+# ---- dtype, validation, gradient accumulation (in this process) ----
+
+
+@pytest.mark.slow
+def test_dtype_auto_reaches_the_target(tmp_path: Path, in_process: None) -> None:
+    make_input(tmp_path)
+    cfg = tiny_config(tmp_path, "--dtype", "auto", "--target-loss", str(TARGET), "--snapshot-interval", "0")
+    result = train(cfg)
+    expected = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    assert result.dtype == expected
+    assert result.reached_target and result.loss <= TARGET
+    final = load(tmp_path / "out" / "final_model.pt")
+    assert final["metadata"]["dtype"] == str(expected).removeprefix("torch.")
+    assert final["model_state_dict"]["lm_head.weight"].dtype == torch.float32  # autocast: weights stay fp32
+
+
+def test_resume_auto_without_snapshots(tmp_path: Path, in_process: None) -> None:
+    make_input(tmp_path)
+    with pytest.raises(CheckpointError, match="--resume auto: no snapshot") as err:
+        train(tiny_config(tmp_path, "--resume", "auto"))
+    assert "\n" not in str(err.value)
+
+
+def test_val_loss_at_eval_intervals(tmp_path: Path, in_process: None, caplog: pytest.LogCaptureFixture) -> None:
+    make_input(tmp_path)
+    flags = ["--val-fraction", "0.25", "--eval-interval", "4", "--eval-batches", "2", "--max-steps", "9"]
+    train(tiny_config(tmp_path, *flags, "--target-loss", "0", "--snapshot-interval", "0"))
+    records = metrics(tmp_path / "out")
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert all(r["val_loss"] > 0 for r in records if "val_loss" in r)
+    printed = [m for m in caplog.messages if "val loss" in m]
+    assert len(printed) == 2 and printed[0].startswith("step      4") and printed[1].startswith("step      8")
+    assert f"val loss {records[3]['val_loss']:.6f}" in printed[0]
+
+
+def test_grad_accum_equals_a_larger_batch(tmp_path: Path, in_process: None) -> None:
+    make_input(tmp_path)
+    losses = []
+    for name, flags in (("big", ["-B", "4"]), ("accum", ["-B", "2", "--grad-accum", "2"])):
+        cfg = tiny_config(tmp_path, *flags, "--max-steps", "3", "--target-loss", "0", "--snapshot-interval", "0")
+        train(dataclasses.replace(cfg, out_dir=str(tmp_path / name)))
+        losses.append([r["loss"] for r in metrics(tmp_path / name)])
+    big, accum = losses
+    assert len(big) == len(accum) == 3
+    assert accum == pytest.approx(big, abs=1e-5)
