@@ -116,6 +116,10 @@ def save(state: dict[str, Any], path: Path) -> None:
 
 def _why(err: BaseException) -> str:
     """A short reason for a failed write, RuntimeErrors from torch's writer included."""
+    # torch's writer reports a failed write() as a RuntimeError ("unexpected pos ..."); the OSError that says why
+    # (disk full, file too large) is its __context__.
+    while not isinstance(err, OSError) and err.__context__ is not None:
+        err = err.__context__
     code = getattr(err, "errno", None)
     text = str(err)
     if code == errno.ENOSPC or "No space" in text:
@@ -127,16 +131,23 @@ def _why(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def stage(state: Any) -> Any:
-    """A copy of ``state`` whose tensors live on the CPU and no longer change with training."""
+def stage(state: Any, copies: dict[tuple, torch.Tensor] | None = None) -> Any:
+    """A copy of ``state`` whose tensors live on the CPU and no longer change with training.
+
+    Tensors that share memory (the tied ``wte``/``lm_head`` weight) share their copy too, so they are saved once.
+    """
+    copies = {} if copies is None else copies
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        key = (state.data_ptr(), state.dtype, tuple(state.shape), state.stride())
+        if key not in copies:
+            copies[key] = state.detach().to("cpu", copy=True)
+        return copies[key]
     if isinstance(state, dict):
-        return {k: stage(v) for k, v in state.items()}
+        return {k: stage(v, copies) for k, v in state.items()}
     if isinstance(state, list):
-        return [stage(v) for v in state]
+        return [stage(v, copies) for v in state]
     if isinstance(state, tuple):
-        return tuple(stage(v) for v in state)
+        return tuple(stage(v, copies) for v in state)
     return state
 
 
@@ -155,6 +166,8 @@ class SnapshotWriter:
 
     def submit(self, state: dict[str, Any], path: Path, background: bool = True) -> None:
         self.wait()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(path.parent, state_nbytes(state))  # fail now, not ten steps later
         staged = stage(state)
         if not background:
             self._write(staged, path)

@@ -93,3 +93,22 @@ def configure_matmul(device: torch.device) -> None:
     if error > 1e-5:  # bf16 inside (e.g. an AMX CPU): not fp32 any more
         torch.set_float32_matmul_precision("highest")
     log.debug("fp32 matmul precision %s (relative error %.1e)", torch.get_float32_matmul_precision(), error)
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from handing large freed blocks back to the OS between training steps.
+
+    By default every tensor above 32 MB is a fresh mmap, and each step re-faults its pages from the kernel (zeroing
+    4 KB at a time): at 124M parameters on a CPU that is ~30% of a step. With mmap off and trimming deferred, freed
+    memory stays in the heap and is reused. Peak memory is unchanged; only glibc on Linux is affected.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**30)

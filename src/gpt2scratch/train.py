@@ -142,8 +142,9 @@ class StopSignals:
         try:
             yield self
         finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+            if self.requested is None:  # once stopping, a further signal must still exit at once, until the end
+                for sig, handler in self._previous.items():
+                    signal.signal(sig, handler)
 
 
 def initial_model(cfg: TrainConfig, resume: dict[str, Any] | None) -> GPT:
@@ -204,6 +205,8 @@ def train(cfg: TrainConfig, info: DistInfo | None = None, progress: data.Progres
     dev = distributed.init(info, devices.pick_device(cfg.device))
     dtype = devices.pick_dtype(cfg.dtype, dev)
     devices.configure_matmul(dev)
+    if dev.type == "cpu":
+        devices.keep_freed_memory()
     lock = checkpoint.OutDirLock(out_dir)
     if info.is_main:
         check_out_dir(out_dir)
@@ -300,6 +303,8 @@ def _train(
         if path != run.last_snapshot:
             writer.submit(state("snapshot", rngs), path, background=background)
             run.last_snapshot = path
+        elif not background:
+            writer.wait()  # this step's snapshot may still be in flight: the caller needs it on disk, or its error
         return path
 
     stop = StopSignals()

@@ -1,0 +1,134 @@
+"""Bad input through the real command line: each mistake is one line on stderr, the right exit code, no traceback.
+
+Exit code 2 is a usage error (a flag out of range or inconsistent), 1 a failure (missing or unreadable files, a
+checkpoint that does not fit). A user's mistake is never reported as an internal error.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, run_cli
+from test_checkpoint import RunsCommand, trained_snapshot
+
+ENTRY_POINT = Path(sys.executable).with_name("gpt2-scratch")
+FORMS = {
+    "gpt2-scratch": str(ENTRY_POINT) if ENTRY_POINT.is_file() else None,  # the console script, else -m gpt2scratch
+    "train.py": str(REPO / "train.py"),  # takes train's flags without the command
+}
+
+# The files a case can name (in its working directory), each made from the snapshot of a real 2-step run.
+FILES: dict[str, Callable[[Path, Path], object]] = {
+    "text.txt": lambda path, snap: path.write_text(SAMPLE_TEXT * 3, encoding="utf-8"),
+    "empty.txt": lambda path, snap: path.write_bytes(b""),
+    "binary.txt": lambda path, snap: path.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(57) + SAMPLE_TEXT.encode()),
+    "latin1.txt": lambda path, snap: path.write_bytes(SAMPLE_TEXT.replace("Caius", "Ca\u00efus").encode("latin-1")),
+    "short.txt": lambda path, snap: path.write_text("Speak, speak.\n", encoding="utf-8"),
+    "docs": lambda path, snap: (path.mkdir(), (path / "README.md").write_text("not a .txt\n")),
+    "snap.pt": lambda path, snap: shutil.copyfile(snap, path),
+    "truncated.pt": lambda path, snap: path.write_bytes(snap.read_bytes()[: snap.stat().st_size // 2]),
+    "random.bin": lambda path, snap: path.write_bytes(random.Random(0).randbytes(4096)),
+    "foreign.pt": lambda path, snap: torch.save(torch.load(snap, weights_only=True)["model_state_dict"], path),
+    "evil.pt": lambda path, snap: torch.save(RunsCommand(f"touch {path.parent / 'pwned'}"), path),
+}
+
+TRAIN = ("train", *TINY_TRAIN_FLAGS, "--input", "text.txt", "--max-steps", "1")  # later flags override these
+BOTH = ("gpt2-scratch", "train.py")
+
+
+class Case(NamedTuple):
+    argv: tuple[str, ...]  # after the program
+    code: int
+    message: str  # a regex the one line of stderr matches
+    forms: tuple[str, ...] = ("gpt2-scratch",)
+
+
+CASES = {
+    "no-input-txt": Case(("train",), 1, r"^error: no input\.txt in this directory", BOTH),
+    "input-missing": Case((*TRAIN, "--input", "nope.txt"), 1, r"input nope\.txt does not exist"),
+    "input-empty": Case((*TRAIN, "--input", "empty.txt"), 1, r"is empty"),
+    "input-binary": Case((*TRAIN, "--input", "binary.txt"), 1, r"binary file"),
+    "input-not-utf8": Case((*TRAIN, "--input", "latin1.txt"), 1, r"not UTF-8 text \(bad byte at offset \d+\)"),
+    "input-too-short": Case((*TRAIN, "--input", "short.txt"), 1, r"fewer than one batch needs \(65 "),
+    "input-dir-no-txt": Case((*TRAIN, "--input", "docs"), 1, r"docs has no \.txt files"),
+    "batch-0": Case((*TRAIN, "-B", "0"), 2, r"-B/--batch-size must be a positive integer, got 0"),
+    "seq-len-negative": Case((*TRAIN, "-T", "-1"), 2, r"-T/--seq-len must be a positive integer, got -1"),
+    "lr-0": Case((*TRAIN, "--lr", "0"), 2, r"--lr must be in \(0, 10\), got 0", BOTH),
+    "lr-negative": Case((*TRAIN, "--lr", "-1"), 2, r"--lr must be in \(0, 10\), got -1"),
+    "snapshot-interval-negative": Case(
+        (*TRAIN, "--snapshot-interval", "-1"), 2, r"--snapshot-interval must be zero or positive"
+    ),
+    "keep-snapshots-negative": Case(
+        (*TRAIN, "--keep-snapshots", "-2"), 2, r"--keep-snapshots must be zero or positive"
+    ),
+    "seq-len-over-block": Case((*TRAIN, "-T", "65"), 2, r"\(65\) is larger than the model's block size \(64\)"),
+    "embd-not-divisible": Case(
+        (*TRAIN, "--n-embd", "30", "--n-head", "4"), 2, r"n_embd \(30\) must be divisible by n_head \(4\)"
+    ),
+    "preset-unknown": Case((*TRAIN, "--preset", "nope"), 2, r"unknown preset 'nope'; choose one of: gpt2,"),
+    "device-unknown": Case((*TRAIN, "--device", "nope"), 2, r"device 'nope'"),
+    "device-cuda-absent": Case((*TRAIN, "--device", "cuda"), 2, r"no CUDA GPU is available here"),
+    "dtype-float16-cpu": Case((*TRAIN, "--dtype", "float16"), 2, r"float16 is not supported on the CPU"),
+    "max-steps-0": Case((*TRAIN, "--max-steps", "0"), 2, r"--max-steps must be a positive integer, got 0"),
+    "val-fraction-1.5": Case((*TRAIN, "--val-fraction", "1.5"), 2, r"--val-fraction must be in \[0, 1\), got 1\.5"),
+    "unknown-flag": Case((*TRAIN, "--bogus"), 2, r"unrecognized arguments: --bogus", BOTH),
+    "out-dir-under-a-file": Case((*TRAIN, "--out-dir", "text.txt/out"), 1, r"cannot write to --out-dir text\.txt/out"),
+    "resume-missing": Case((*TRAIN, "--resume", "missing.pt"), 1, r"no checkpoint at missing\.pt"),
+    "resume-auto-nothing": Case((*TRAIN, "--resume", "auto"), 1, r"--resume auto: no snapshot in"),
+    "resume-truncated": Case((*TRAIN, "--resume", "truncated.pt"), 1, r"truncated\.pt is truncated or corrupt"),
+    "resume-random-bytes": Case((*TRAIN, "--resume", "random.bin"), 1, r"random\.bin is (truncated or )?corrupt"),
+    "resume-foreign": Case((*TRAIN, "--resume", "foreign.pt"), 1, r"foreign\.pt is not a gpt2-scratch checkpoint"),
+    "resume-malicious": Case((*TRAIN, "--resume", "evil.pt"), 1, r"refused to load evil\.pt"),
+    "resume-other-shape": Case(
+        (*TRAIN, "--resume", "snap.pt", "--n-embd", "64"), 1, r"n_embd=32 .*, this run asks for .*n_embd=64"
+    ),
+    "generate-missing": Case(("generate", "--checkpoint", "missing.pt"), 1, r"missing\.pt is neither a file"),
+    "generate-top-k-0": Case(
+        ("generate", "--checkpoint", "snap.pt", "--top-k", "0"), 2, r"--top-k must be a positive integer, got 0"
+    ),
+    "export-not-a-checkpoint": Case(("export", "text.txt", "exported"), 1, r"text\.txt is (truncated or )?corrupt"),
+}
+
+
+def _params() -> list:
+    params = []
+    for name, (argv, code, message, forms) in CASES.items():
+        for form in forms:
+            marks = ()
+            if name == "device-cuda-absent":
+                marks = (pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present"),)
+            params.append(pytest.param(form, argv, code, message, id=f"{name}[{form}]", marks=marks))
+    return params
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_snapshot(tmp_path_factory)
+
+
+@pytest.mark.parametrize(("form", "argv", "code", "message"), _params())
+def test_bad_input_is_one_line_and_an_exit_code(
+    form: str, argv: tuple[str, ...], code: int, message: str, snapshot: Path, tmp_path: Path
+) -> None:
+    for arg in argv:
+        name = arg.split("/")[0]
+        if name in FILES and not (tmp_path / name).exists():
+            FILES[name](tmp_path / name, snapshot)
+    args = argv[1:] if form == "train.py" else argv
+    result = run_cli(*args, cwd=tmp_path, timeout=120, script=FORMS[form])
+    output = result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in output, output
+    assert "internal error" not in result.stderr, "a user's mistake reported as a bug of ours: " + result.stderr
+    assert len(lines) == 1, f"stderr should be one line:\n{result.stderr}"
+    assert re.search(message, lines[0]), lines[0]
+    assert result.returncode == code, lines[0]
+    assert not (tmp_path / "pwned").exists()
