@@ -108,7 +108,7 @@ def test_prints_five_numbered_samples(stdout: dict[str, str], model: GPT, fp32_m
     assert all(text.startswith(PROMPT) and len(text) > len(PROMPT) for text in texts)
     assert len(set(texts)) == 5
     # They are what the library makes of the defaults: max length 30 tokens, prompt included, top-k 50.
-    assert texts == generate_text(model, PROMPT, SamplingConfig(seed=7), CPU, torch.float32)
+    assert texts == generate_text(model, PROMPT, SamplingConfig(seed=7))
 
 
 def test_same_seed_same_samples(stdout: dict[str, str]) -> None:
@@ -129,8 +129,8 @@ def test_stream(stdout: dict[str, str], model: GPT, fp32_matmul_precision: None)
     for i, text in enumerate(texts):
         sampling = SamplingConfig(num_samples=1, max_new_tokens=12, seed=5 + i)
         assert prompt_ids(model, PROMPT, sampling) == (ids, 12)
-        assert text == "".join(stream_text(model, PROMPT, sampling, CPU, torch.float32))
-        assert [text] == generate_text(model, PROMPT, sampling, CPU, torch.float32)
+        assert text == "".join(stream_text(model, PROMPT, sampling))
+        assert [text] == generate_text(model, PROMPT, sampling)
         generator = torch.Generator().manual_seed(5 + i)
         tokens = [int(t) for t in model.stream(torch.tensor([ids]), 12, top_k=50, generator=generator)]
         assert len(tokens) == 12 and text == decode(ids + tokens)
@@ -139,10 +139,10 @@ def test_stream(stdout: dict[str, str], model: GPT, fp32_matmul_precision: None)
 def test_stream_text_pieces_follow_the_tokens(model: GPT) -> None:
     """Streaming and batch generation agree, and no piece holds half a character."""
     sampling = SamplingConfig(num_samples=1, max_new_tokens=30, seed=11, top_k=None)
-    pieces = list(stream_text(model, "🤗 ", sampling, CPU, torch.float32))
+    pieces = list(stream_text(model, "🤗 ", sampling))
     assert pieces[0] == "🤗 "
     assert all("\ufffd" not in piece for piece in pieces[:-1])
-    assert "".join(pieces) == generate_text(model, "🤗 ", sampling, CPU, torch.float32)[0]
+    assert "".join(pieces) == generate_text(model, "🤗 ", sampling)[0]
 
 
 @pytest.mark.parametrize(("max_length", "new"), [(9, 1), (12, 4), (30, 22)])
@@ -155,7 +155,7 @@ def test_max_new_tokens_wins_over_max_length(model: GPT) -> None:
     assert prompt_ids(model, PROMPT, SamplingConfig(max_length=5, max_new_tokens=3)) == (encode(PROMPT), 3)
     assert prompt_ids(model, "Hi", SamplingConfig(max_new_tokens=40)) == ([17250], 40)
     assert prompt_ids(model, "", SamplingConfig(max_length=4)) == ([50256], 3)  # no prompt: start at <|endoftext|>
-    texts = generate_text(model, "Hi", SamplingConfig(num_samples=2, max_new_tokens=40, seed=3), CPU, torch.float32)
+    texts = generate_text(model, "Hi", SamplingConfig(num_samples=2, max_new_tokens=40, seed=3))
     assert len(texts) == 2 and all(text.startswith("Hi") for text in texts)
 
 

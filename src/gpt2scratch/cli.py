@@ -150,7 +150,7 @@ def _resume_command(raw: list[str], snapshot: str) -> str:
 
 def run_train(args: argparse.Namespace, info: Any, raw: list[str]) -> int:
     from . import convert, train
-    from .generate import SamplingConfig, generate_text
+    from .generate import SamplingConfig, for_inference, generate_text
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.validate()
@@ -158,10 +158,10 @@ def run_train(args: argparse.Namespace, info: Any, raw: list[str]) -> int:
     if cfg.no_sample or not info.is_main:
         return 0
     model, _ = convert.load_model(result.model_path)  # load it back, as a user would
-    model.to(result.device).eval()
+    model = for_inference(model, result.device, result.dtype)
     sampling = SamplingConfig()
     print(f"\nsamples from {result.model_path} (top-k {sampling.top_k}, seed {sampling.seed}):")
-    for i, text in enumerate(generate_text(model, cfg.sample_prompt, sampling, result.device, result.dtype), 1):
+    for i, text in enumerate(generate_text(model, cfg.sample_prompt, sampling), 1):
         print(f"--- sample {i} ---\n{text}")
     return 0
 
@@ -188,7 +188,7 @@ def _progress_bar() -> Any:
 def run_generate(args: argparse.Namespace) -> int:
     from . import convert
     from . import device as devices
-    from .generate import SamplingConfig, generate_text, stream_text
+    from .generate import SamplingConfig, for_inference, generate_text, stream_text
 
     sampling = SamplingConfig(
         num_samples=args.num_samples,
@@ -205,17 +205,17 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = devices.pick_dtype(args.dtype, dev)
     devices.configure_matmul(dev)
     model, _ = convert.load_model(args.checkpoint or args.pretrained)
-    model.to(dev).eval()
+    model = for_inference(model, dev, dtype)
     for i in range(sampling.num_samples):
         if not args.stream:
             break
         print(f"--- sample {i + 1} ---")
         one = dataclasses.replace(sampling, num_samples=1, seed=sampling.seed + i)
-        for piece in stream_text(model, args.prompt, one, dev, dtype):
+        for piece in stream_text(model, args.prompt, one):
             print(piece, end="", flush=True)
         print()
     if not args.stream:
-        for i, text in enumerate(generate_text(model, args.prompt, sampling, dev, dtype), 1):
+        for i, text in enumerate(generate_text(model, args.prompt, sampling), 1):
             print(f"--- sample {i} ---\n{text}")
     return 0
 

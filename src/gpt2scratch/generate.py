@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import device as devices
 from .errors import UsageError
 from .model import GPT
 from .tokenizer import EOT_TOKEN, decode, encode
@@ -56,46 +55,51 @@ def prompt_ids(model: GPT, prompt: str, sampling: SamplingConfig) -> tuple[list[
     return ids, new
 
 
-def generate_text(
-    model: GPT, prompt: str, sampling: SamplingConfig, device: torch.device, dtype: torch.dtype
-) -> list[str]:
-    """``num_samples`` continuations of ``prompt``, each with the prompt in front, generated as one batch."""
+def for_inference(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
+    """The model moved (in place) to ``device`` with its weights in ``dtype``, in eval mode.
+
+    Casting the weights once, instead of autocast casting them at every token, halves the memory each decoding step
+    reads in bf16; LayerNorm and softmax still accumulate in fp32 inside their kernels, and sampling is done in fp32.
+    """
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def generate_text(model: GPT, prompt: str, sampling: SamplingConfig) -> list[str]:
+    """``num_samples`` continuations of ``prompt``, each with the prompt in front, generated as one batch
+    on the model's device and in its dtype (see ``for_inference``)."""
     ids, new = prompt_ids(model, prompt, sampling)
+    device = model.lm_head.weight.device
     idx = torch.tensor([ids] * sampling.num_samples, dtype=torch.long, device=device)  # (B, T)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    with devices.autocast(device, dtype):
-        out = model.generate(
-            idx,
-            new,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            generator=generator,
-            eos_token=EOT_TOKEN if sampling.stop_at_eot else None,
-        )
+    out = model.generate(
+        idx,
+        new,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        generator=generator,
+        eos_token=EOT_TOKEN if sampling.stop_at_eot else None,
+    )
     return [decode(_until_eot(row.tolist(), len(ids), sampling.stop_at_eot)) for row in out]
 
 
-def stream_text(
-    model: GPT, prompt: str, sampling: SamplingConfig, device: torch.device, dtype: torch.dtype
-) -> Iterator[str]:
+def stream_text(model: GPT, prompt: str, sampling: SamplingConfig) -> Iterator[str]:
     """One sample (of batch 1), as pieces of text the moment they are decodable; the prompt comes first."""
     ids, new = prompt_ids(model, prompt, sampling)
+    device = model.lm_head.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     tokens: list[int] = []
     shown = ""
     yield decode(ids) if prompt else ""
-    with devices.autocast(device, dtype):
-        stream = model.stream(idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator)
-        for token in stream:
-            if sampling.stop_at_eot and int(token) == EOT_TOKEN:
-                break
-            tokens.append(int(token))
-            text = decode(tokens)
-            if not text.endswith("\ufffd"):  # hold back a character still split across tokens
-                yield text[len(shown) :]
-                shown = text
+    for token in model.stream(idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator):
+        if sampling.stop_at_eot and int(token) == EOT_TOKEN:
+            break
+        tokens.append(int(token))
+        text = decode(tokens)
+        if not text.endswith("\ufffd"):  # hold back a character still split across tokens
+            yield text[len(shown) :]
+            shown = text
     if len(decode(tokens)) > len(shown):
         yield decode(tokens)[len(shown) :]
 

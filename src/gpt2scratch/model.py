@@ -265,15 +265,19 @@ def sample(
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
+    candidates = None  # vocabulary ids of the columns of ``logits`` once it is cut to the top k
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # (B, k), most likely first
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+        if candidates is None:
+            logits, candidates = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = logits.softmax(dim=-1)
+        # Drop a token when the more likely ones before it already reach top_p; the most likely always stays.
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    # Inverse-CDF sampling: one uniform number per row (torch.multinomial would draw one per vocabulary entry).
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, k or V)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1)
+    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # (B, 1): first entry above u
+    if candidates is not None:
+        choice = candidates.gather(-1, choice)
+    return choice.squeeze(-1)  # (B,)

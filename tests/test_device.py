@@ -1,0 +1,67 @@
+"""Device and dtype choice, the fp32 matmul path, and the allocator setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt2scratch import device as devices
+from gpt2scratch.errors import DeviceError
+
+
+def test_auto_device_is_cpu_without_accelerators() -> None:
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("an accelerator is present")
+    assert devices.pick_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:3", "mps", "tpu", "nope"])
+def test_absent_or_unknown_device_is_a_device_error(name: str) -> None:
+    if name.startswith("cuda") and torch.cuda.device_count() > 3:
+        pytest.skip("this machine has the GPU")
+    if name == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(DeviceError) as err:
+        devices.pick_device(name)
+    assert "\n" not in str(err.value) and name in str(err.value)
+
+
+def test_auto_dtype_on_cpu_follows_the_hardware() -> None:
+    expected = torch.bfloat16 if devices.cpu_has_bf16() else torch.float32
+    assert devices.pick_dtype("auto", torch.device("cpu")) == expected
+    assert devices.pick_dtype("float32", torch.device("cpu")) == torch.float32
+    with pytest.raises(DeviceError, match="float16"):
+        devices.pick_dtype("float16", torch.device("cpu"))
+
+
+def test_fp32_matmuls_stay_fp32_exact_after_configure() -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        devices.configure_matmul(torch.device("cpu"))
+        g = torch.Generator().manual_seed(1)
+        a, b = torch.randn(128, 768, generator=g), torch.randn(768, 3072, generator=g)
+        exact = a.double() @ b.double()
+        error = ((a @ b).double() - exact).abs().max() / exact.abs().max()
+        assert error < 1e-5  # bf16 inside would give ~1e-3
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_autocast_is_off_for_fp32() -> None:
+    with devices.autocast(torch.device("cpu"), torch.float32):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with devices.autocast(torch.device("cpu"), torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_keep_freed_memory_leaves_results_unchanged() -> None:
+    code = (
+        "import torch; from gpt2scratch.device import keep_freed_memory; keep_freed_memory();"
+        "xs = [torch.full((1 << 23,), float(i)) for i in range(4)]; del xs[1:];"
+        "y = torch.full((1 << 24,), 2.0); print(float(y.sum()), float(xs[0].sum()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(float(2 * (1 << 24))), "0.0"]
