@@ -8,6 +8,7 @@ half-written file under a final name; old snapshots are deleted only after the n
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -16,6 +17,7 @@ import pickle
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +95,17 @@ def check_free_space(folder: Path, needed: int) -> None:
         )
 
 
-def save(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically: temporary file, fsync, rename, fsync of the directory."""
+def save(state: dict[str, Any], path: Path, checksums: bool = True) -> None:
+    """Write ``state`` to ``path`` atomically: temporary file, fsync, rename, fsync of the directory.
+
+    ``checksums=False`` skips torch's CRC-32 of every record: on a 2-core CPU that is a third of the CPU time of a
+    1.5 GB snapshot, taken from training. The rename still guarantees that no partial file is ever visible.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(path.parent, state_nbytes(state))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, _crc32(checksums):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -112,6 +118,17 @@ def save(state: dict[str, Any], path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _crc32(enabled: bool) -> Iterator[None]:
+    """torch.save's CRC-32 option, set for one save and put back afterwards."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(enabled)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def _why(err: BaseException) -> str:
@@ -131,23 +148,28 @@ def _why(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def stage(state: Any, copies: dict[tuple, torch.Tensor] | None = None) -> Any:
+def stage(state: Any, reuse: Any = None, copies: dict[tuple, torch.Tensor] | None = None) -> Any:
     """A copy of ``state`` whose tensors live on the CPU and no longer change with training.
 
     Tensors that share memory (the tied ``wte``/``lm_head`` weight) share their copy too, so they are saved once.
+    ``reuse``, an earlier staged copy of a state of the same structure, is overwritten in place where shapes match:
+    copying into memory already mapped is several times faster than faulting in 1.5 GB of fresh pages.
     """
     copies = {} if copies is None else copies
     if isinstance(state, torch.Tensor):
         key = (state.data_ptr(), state.dtype, tuple(state.shape), state.stride())
         if key not in copies:
-            copies[key] = state.detach().to("cpu", copy=True)
+            source = state.detach()
+            fits = isinstance(reuse, torch.Tensor) and reuse.shape == source.shape and reuse.dtype == source.dtype
+            copies[key] = reuse.copy_(source) if fits else source.to("cpu", copy=True)
         return copies[key]
     if isinstance(state, dict):
-        return {k: stage(v, copies) for k, v in state.items()}
-    if isinstance(state, list):
-        return [stage(v, copies) for v in state]
-    if isinstance(state, tuple):
-        return tuple(stage(v, copies) for v in state)
+        before = reuse if isinstance(reuse, dict) else {}
+        return {k: stage(v, before.get(k), copies) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        earlier = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(state) else [None] * len(state)
+        staged = [stage(v, o, copies) for v, o in zip(state, earlier, strict=True)]
+        return staged if isinstance(state, list) else tuple(staged)
     return state
 
 
@@ -162,13 +184,15 @@ class SnapshotWriter:
         self.out_dir = out_dir
         self.keep = keep
         self._thread: threading.Thread | None = None
+        self._staged: Any = None
         self._error: BaseException | None = None
 
     def submit(self, state: dict[str, Any], path: Path, background: bool = True) -> None:
         self.wait()
         path.parent.mkdir(parents=True, exist_ok=True)
         check_free_space(path.parent, state_nbytes(state))  # fail now, not ten steps later
-        staged = stage(state)
+        staged = stage(state, reuse=self._staged)
+        self._staged = staged  # its buffers are free again once this write is done (``wait`` above)
         if not background:
             self._write(staged, path)
             self.wait()
@@ -178,7 +202,7 @@ class SnapshotWriter:
 
     def _write(self, state: dict[str, Any], path: Path) -> None:
         try:
-            save(state, path)
+            save(state, path, checksums=False)
             prune(self.out_dir, self.keep)
         except BaseException as err:  # handed to the training thread by wait()
             self._error = err

@@ -346,6 +346,7 @@ def _train(
                     "loss": round(run.loss, 6),
                     "lr": lr,
                     "tokens_per_sec": round(tokens_per_step / (time.perf_counter() - t0), 1),
+                    "elapsed": round(time.perf_counter() - started, 3),  # seconds since this process started training
                 }
                 if info.is_main and corpus_.val is not None and run.step % cfg.eval_interval == 0:
                     record["val_loss"] = round(evaluate(model, corpus_.val, cfg, dev, dtype), 6)
