@@ -12,21 +12,19 @@ import codecs
 import glob
 import hashlib
 import os
-import re
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from .errors import DataError
-from .tokenizer import EOT_TOKEN, encode_batch
+from .tokenizer import EOT_TOKEN, get_encoding
 
 CHUNK_CHARS = 1 << 22  # ~4 MB of text per chunk handed to the tokenizer
-# A newline between two non-space characters: GPT-2's pre-tokenizer always ends a piece there, so cutting the text
-# after it does not change the ids.
-_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -76,17 +74,28 @@ def _text_chunks(path: Path) -> Iterator[str]:
                 if "\x00" in block:
                     raise DataError(f"{path} looks like a binary file (it contains NUL bytes); give a text file")
                 text = carry + block
-                cuts = [m.end() for m in _SAFE_CUT.finditer(text, max(0, len(text) - CHUNK_CHARS // 2))]
-                if cuts:
-                    yield text[: cuts[-1]]
-                    carry = text[cuts[-1] :]
-                else:
+                cut = _last_safe_cut(text, len(text) - CHUNK_CHARS // 2)
+                if cut is None:
                     carry = text  # no safe cut yet (one enormous line): keep reading
+                else:
+                    yield text[:cut]
+                    carry = text[cut:]
             if carry:
                 yield carry
     except UnicodeDecodeError:
         offset = _first_bad_utf8_byte(path)
         raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset}); convert it to UTF-8") from None
+
+
+def _last_safe_cut(text: str, lowest: int) -> int | None:
+    """The position just after the last newline at or after ``lowest`` that has non-space characters on both sides
+    (where GPT-2's pre-tokenizer always ends a piece), or None."""
+    end = len(text) - 1  # a newline at the very end has an unknown right neighbour
+    while (pos := text.rfind("\n", max(1, lowest), end)) > 0:
+        if not text[pos - 1].isspace() and not text[pos + 1].isspace():
+            return pos + 1
+        end = pos
+    return None
 
 
 def _first_bad_utf8_byte(path: Path) -> int:
@@ -117,36 +126,42 @@ def tokenize_files(files: list[Path], out_path: Path, progress: Progress | None 
         raise DataError(f"the input ({', '.join(map(str, files[:3]))}) is empty")
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    count = done = 0
     threads = os.cpu_count() or 1
+    encoding = get_encoding()
+    count = done = 0
+    pending: deque[tuple[Future[np.ndarray], int]] = deque()  # chunks being encoded, in order, with their sizes
+
+    def write_oldest(out: BinaryIO) -> None:
+        nonlocal count, done
+        future, size = pending.popleft()
+        ids = future.result()
+        ids.astype(np.uint16).tofile(out)  # GPT-2's 50,257 ids fit in 16 bits
+        count += len(ids)
+        done += size
+        if progress is not None:
+            progress(min(done, total), total)
+
     try:
-        with open(tmp, "wb") as out:
+        # tiktoken releases the GIL while it encodes, so a thread per core keeps every core busy; at most two chunks
+        # per core are in flight, which bounds memory whatever the input's size.
+        with open(tmp, "wb") as out, ThreadPoolExecutor(threads) as pool:
             for index, path in enumerate(files):
                 if index > 0:
+                    while pending:
+                        write_oldest(out)
                     np.array([EOT_TOKEN], dtype=np.uint16).tofile(out)
                     count += 1
-                batch: list[str] = []
                 for chunk in _text_chunks(path):
-                    batch.append(chunk)
-                    if len(batch) == 2 * threads:
-                        count, done = _flush(batch, out, count, done, total, progress)
-                count, done = _flush(batch, out, count, done, total, progress)
+                    if len(pending) >= 2 * threads:
+                        write_oldest(out)
+                    future = pool.submit(encoding.encode_to_numpy, chunk, disallowed_special=())
+                    pending.append((future, len(chunk.encode("utf-8"))))
+            while pending:
+                write_oldest(out)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return count
-
-
-def _flush(batch: list[str], out: Any, count: int, done: int, total: int, progress: Progress | None) -> tuple[int, int]:
-    """Encode the batch of chunks on all cores, append the ids to ``out``; return the updated counters."""
-    for ids in encode_batch(batch):
-        np.asarray(ids, dtype=np.uint16).tofile(out)  # GPT-2's 50,257 ids fit in 16 bits
-        count += len(ids)
-    done += sum(len(chunk.encode("utf-8")) for chunk in batch)
-    batch.clear()
-    if progress is not None:
-        progress(min(done, total), total)
-    return count, done
 
 
 def load_tokens(path: Path) -> np.ndarray:
