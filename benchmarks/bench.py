@@ -309,6 +309,8 @@ def main() -> None:
             with open(source, "wb") as f:
                 for _ in range(args.tokenize_mb * 2**20 // len(base) + 1):
                     f.write(base)
+                f.flush()
+                os.fsync(f.fileno())  # so the kernel is not still writing it back while we measure
             ours = run_child("tokenize", str(source), True)
             single = run_child("tokenize", str(source), False)
         if ours and single:

@@ -27,13 +27,7 @@ ENGLISH = (
 EMOJI = "emoji 🤗🙂👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ and CJK 日本語 한국어"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small ops, several times faster on one thread than on two of a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_model(shape: tuple[int, ...], seed: int = 0):

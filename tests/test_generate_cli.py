@@ -26,13 +26,7 @@ CPU = torch.device("cpu")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the CLI runs, as one_thread below is for this process
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small ops, several times faster on one thread than on two of a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

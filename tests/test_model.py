@@ -35,13 +35,7 @@ def random_ids(config: GPTConfig, B: int, T: int, seed: int = 1) -> torch.Tensor
     return torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small ops, several times faster on one thread than on two of a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
