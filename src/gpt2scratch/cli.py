@@ -31,9 +31,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _field_type(annotation: Any) -> type:
-    """The scalar type of a TrainConfig annotation such as ``int | None``."""
-    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
+def _field_type(hint: Any) -> type:
+    """The scalar type of a TrainConfig field's type hint, such as ``int | None`` -> ``int``."""
     if isinstance(hint, types.UnionType):
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     return hint
@@ -41,9 +40,10 @@ def _field_type(annotation: Any) -> type:
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, with its default, type and help."""
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
-        kind = _field_type(f.type)
+        kind = _field_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         if kind is bool:
             parser.add_argument(*flags, dest=f.name, action="store_true", help=help_text)

@@ -77,15 +77,6 @@ def gather_objects(obj: object, info: DistInfo) -> list[object]:
     return gathered
 
 
-def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """Rank 0's ``flag`` on every rank, so that all ranks take the same branch."""
-    if not info.enabled:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
     """The model in DistributedDataParallel when there are several processes; the model itself otherwise."""
     if not info.enabled:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,8 +133,6 @@ class StopSignals:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopSignals]:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
