@@ -372,3 +372,31 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
     lock = OutDirLock(tmp_path)
     lock.acquire()  # the lock file is still there, with the dead pid in it, but the lock died with its holder
     lock.release()
+
+
+@pytest.mark.parametrize("capacity", [1, 1 << 26])  # a buffer far too small grows; a large one is reused
+def test_serialized_snapshot_loads_like_torch_save(tmp_path: Path, capacity: int) -> None:
+    state = our_state(1_000_003, fill=1.5)  # not a multiple of the 4096-byte block: the padding must go
+    buffer = checkpoint.SerializedState()
+    for round_ in range(2):
+        buffer.fill(state, capacity)
+        path = tmp_path / f"snapshot_{round_}.pt"
+        buffer.write_file(path)
+        assert path.stat().st_size == buffer.size
+        loaded = checkpoint.load(path)
+        assert torch.equal(loaded["model_state_dict"]["w"], state["model_state_dict"]["w"])
+        assert loaded["format_version"] == FORMAT_VERSION
+        state["model_state_dict"]["w"].add_(1.0)
+    buffer.release()
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
+def test_snapshot_writer_falls_back_where_o_direct_is_refused() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:  # tmpfs: no O_DIRECT
+        writer = SnapshotWriter(Path(folder), keep=1)
+        writer.submit(our_state(300_000, fill=2.0), checkpoint.snapshot_path(Path(folder), 1))
+        writer.close()
+        loaded = checkpoint.load(checkpoint.snapshot_path(Path(folder), 1))
+        assert bool((loaded["model_state_dict"]["w"] == 2.0).all())

@@ -338,3 +338,17 @@ def test_second_run_on_a_locked_out_dir_is_refused(tmp_path: Path, text_file: Pa
                     cwd=tmp_path)  # fmt: skip
     assert third.returncode == 0, third.stderr
     assert_resumed_from(third.stdout, newest)
+
+
+def test_all_finite_catches_nan_and_inf_but_not_large_finite_weights() -> None:
+    from gpt2scratch.train import all_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    assert all_finite(model)
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # each weight finite; their sum overflows to inf
+        assert all_finite(model)
+        model[1].bias[3] = float("nan")
+        assert not all_finite(model)
+        model[1].bias[3] = float("-inf")
+        assert not all_finite(model)
