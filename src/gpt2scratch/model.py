@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .loss import head_loss
 
 
 class KVCache:
@@ -155,11 +156,13 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) for token ids ``idx`` (B, T), and the mean cross-entropy against ``targets`` if given.
 
         Targets equal to -1 are ignored. With a ``cache``, ``idx`` continues the tokens already in it. With
-        ``last_only``, logits are computed for the last position alone: (B, 1, V).
+        ``last_only``, logits are computed for the last position alone: (B, 1, V). Training passes
+        ``return_logits=False``: the loss alone, computed with the head without keeping the logits (loss.py).
         Raises ValueError if the sequence would be longer than ``config.block_size``.
         """
         T = idx.size(1)
@@ -178,6 +181,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        if targets is not None and not return_logits:
+            return None, head_loss(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:

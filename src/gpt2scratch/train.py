@@ -191,7 +191,7 @@ def evaluate(
     for _ in range(cfg.eval_batches):
         x, y = loader.next_batch()
         with devices.autocast(dev, dtype):
-            _, loss = model(x.to(dev), y.to(dev))
+            _, loss = model(x.to(dev), y.to(dev), return_logits=False)
         total += loss
     model.train()
     return total.item() / cfg.eval_batches
@@ -324,8 +324,9 @@ def _train(
                 for micro in range(cfg.grad_accum):
                     x, y = loader.next_batch()
                     sync = distributed.gradient_sync(ddp, sync=micro == cfg.grad_accum - 1)
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                     with sync, devices.autocast(dev, dtype):
-                        _, loss = runner(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+                        _, loss = runner(x, y, return_logits=False)  # the loss alone: see loss.py
                     scaler.scale(loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
                 if cfg.grad_clip > 0:
