@@ -67,8 +67,11 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if past == 0:  # the whole sequence is new: plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
-        elif T == 1:  # one new token may look at everything before it
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
+        elif T == 1 and dropout_p == 0.0:  # one new token looks at everything before it
+            # Written out as two batched matrix-vector products, which stream the cache once: SDPA's CPU kernels are
+            # built for blocks of queries and take 2-4x longer for one. Scores and softmax in fp32, as SDPA's.
+            scores = (k @ q.transpose(-2, -1)).transpose(-2, -1).float() / math.sqrt(k.size(-1))  # (B, nh, 1, P+1)
+            y = scores.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, 1, hs)
         else:  # new tokens see the past and the new tokens up to themselves
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # (T, P+T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
