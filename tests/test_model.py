@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import REPO, TINY
 
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.model import GPT, KVCache, sample
+from gpt2scratch.model import GPT, KVCache, attend_one_query, sample
 
 # Small shapes with a small vocabulary (logits far apart, tests in milliseconds); the last one without biases.
 CONFIGS = [
@@ -121,6 +121,31 @@ def test_cached_forward_in_chunks_equals_full_forward(config: GPTConfig) -> None
         start += size
     assert cache.length == config.block_size
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)], ids=str)
+def test_one_query_attention_equals_sdpa(dtype: torch.dtype, tol: float) -> None:
+    """The bf16 decoding path (two matrix-vector products) against SDPA in float64, on a strided cache view."""
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 3, 4, 50, 16, generator=g, dtype=torch.float64)  # (k/v, B, nh, max_len, hs)
+    q = torch.randn(3, 4, 1, 16, generator=g, dtype=torch.float64)
+    k, v = cache[0, :, :, :37], cache[1, :, :, :37]  # 37 valid positions of 50, as in a KV cache
+    expected = F.scaled_dot_product_attention(q, k, v)
+    got = attend_one_query(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert (got.double() - expected).abs().max() <= tol * expected.abs().max()
+
+
+def test_bf16_cached_decoding_follows_the_full_forward() -> None:
+    """In bf16, each cached step's logits stay within bf16 rounding of a full forward over the same tokens."""
+    model = make_model(CONFIGS[0]).to(torch.bfloat16)
+    idx = random_ids(CONFIGS[0], 2, 24)
+    full, _ = model(idx)
+    cache = KVCache(CONFIGS[0], 2, 24, torch.device("cpu"), torch.bfloat16)
+    model(idx[:, :8], cache=cache)
+    steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(8, 24)]
+    error = (torch.cat(steps, dim=1).float() - full[:, 8:].float()).abs().max()
+    assert error <= 0.05 * full.float().abs().max()
 
 
 # --- KV-cache generation -----------------------------------------------------------------------------------------
