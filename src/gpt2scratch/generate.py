@@ -9,6 +9,7 @@ import torch
 
 from .errors import UsageError
 from .model import GPT
+from .packing import pack_linears
 from .tokenizer import EOT_TOKEN, decode, encode
 
 
@@ -56,12 +57,16 @@ def prompt_ids(model: GPT, prompt: str, sampling: SamplingConfig) -> tuple[list[
 
 
 def for_inference(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
-    """The model moved (in place) to ``device`` with its weights in ``dtype``, in eval mode.
+    """The model moved (in place) to ``device`` with its weights in ``dtype``, in eval mode, for generation only.
 
     Casting the weights once, instead of autocast casting them at every token, halves the memory each decoding step
     reads in bf16; LayerNorm and softmax still accumulate in fp32 inside their kernels, and sampling is done in fp32.
+    On a CPU the Linear layers are then prepacked for oneDNN (packing.py): they no longer have a backward.
     """
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if device.type == "cpu":
+        pack_linears(model)
+    return model
 
 
 def generate_text(model: GPT, prompt: str, sampling: SamplingConfig) -> list[str]:

@@ -1,0 +1,56 @@
+"""Prepacked Linear layers for CPU inference (packing.py) against the plain model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2scratch import GPT, GPTConfig
+from gpt2scratch.generate import for_inference
+from gpt2scratch.packing import PackedLinear, pack_linears
+
+CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=300)
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"), reason="this torch has no oneDNN weight prepacking"
+)
+
+
+def models(dtype: torch.dtype) -> tuple[GPT, GPT]:
+    torch.manual_seed(0)
+    plain = GPT(CONFIG).to(dtype).eval()
+    packed = GPT(CONFIG).to(dtype).eval()
+    packed.load_state_dict(plain.state_dict())
+    return plain, packed
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=str)
+def test_packed_model_gives_the_same_logits(dtype: torch.dtype, tol: float) -> None:
+    plain, packed = models(dtype)
+    if pack_linears(packed) == 0:
+        pytest.skip("oneDNN prepacking is not usable on this CPU")
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 4 * CONFIG.n_layer + 1
+    assert packed.lm_head.weight is packed.transformer.wte.weight  # still tied
+    idx = torch.randint(0, CONFIG.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, _ = plain(idx)
+        got, _ = packed(idx)
+        assert got.dtype == dtype
+        assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+        greedy_plain = plain.generate(idx[:, :5], 10, temperature=0)
+        greedy_packed = packed.generate(idx[:, :5], 10, temperature=0)
+    if dtype == torch.float32:
+        assert torch.equal(greedy_plain, greedy_packed)
+
+
+def test_training_models_are_not_packed() -> None:
+    model = GPT(CONFIG).train()
+    assert pack_linears(model) == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_for_inference_packs_on_the_cpu_and_generates() -> None:
+    torch.manual_seed(0)
+    model = for_inference(GPT(CONFIG), torch.device("cpu"), torch.float32)
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), 6, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 9)
