@@ -13,7 +13,6 @@ import errno
 import fcntl
 import io
 import logging
-import mmap
 import os
 import pickle
 import re
@@ -141,7 +140,8 @@ class SerializedState(io.RawIOBase):
 
     def __init__(self) -> None:
         super().__init__()
-        self._map: mmap.mmap | None = None
+        self._storage: torch.Tensor | None = None  # owns the memory
+        self._map: memoryview | None = None  # its page-aligned part
         self.size = 0
 
     def fill(self, state: Any, capacity: int) -> None:
@@ -154,12 +154,14 @@ class SerializedState(io.RawIOBase):
 
     def _allocate(self, capacity: int, keep: int = 0) -> None:
         capacity = -(-capacity // _ALIGN) * _ALIGN
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # fault pages in at once
-        new = mmap.mmap(-1, capacity, flags=flags)
+        # From torch's allocator, i.e. the heap: memory that training freed is reused before fresh pages are faulted
+        # in (see device.keep_freed_memory), which on a VM is what makes a first snapshot slow.
+        storage = torch.empty(capacity + _ALIGN, dtype=torch.uint8)
+        start = -storage.data_ptr() % _ALIGN
+        new = storage.numpy().data[start : start + capacity]
         if self._map is not None:
             new[:keep] = self._map[:keep]
-            self._map.close()
-        self._map = new
+        self._storage, self._map = storage, new
 
     def writable(self) -> bool:
         return True
@@ -196,7 +198,7 @@ class SerializedState(io.RawIOBase):
         try:
             end = -(-self.size // _ALIGN) * _ALIGN if direct else self.size  # O_DIRECT writes whole blocks
             offset = 0
-            with memoryview(self._map) as view:
+            with self._map[:end] as view:
                 while offset < end:
                     chunk = view[offset : min(end, offset + _CHUNK)]
                     try:
@@ -217,9 +219,7 @@ class SerializedState(io.RawIOBase):
             os.close(fd)
 
     def release(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        self._storage = self._map = None
 
 
 _ALIGN = 4096  # O_DIRECT wants buffers, offsets and lengths aligned to the disk's block (4096 covers all)
