@@ -1,7 +1,7 @@
 """Side-by-side benchmark: gpt2-scratch vs transformers on this machine, in one run. Run by hand, never in CI.
 
     pip install -e ".[bench]"
-    OMP_NUM_THREADS=2 python benchmarks/bench.py                  # everything (~15 min on a 2-core CPU)
+    OMP_NUM_THREADS=2 python benchmarks/bench.py                  # everything (~25 min on a 2-core CPU)
     python benchmarks/bench.py --only train --shapes 4x32          # one section, one shape
 
 Each measurement runs in a fresh child process (so global settings such as matmul precision never leak between
