@@ -67,3 +67,16 @@ def test_model_loss_without_logits_equals_the_plain_loss() -> None:
     fused.backward()
     for want, got in zip(expected, (p.grad for p in model.parameters()), strict=True):
         assert torch.allclose(want, got, rtol=1e-4, atol=1e-7)
+
+
+def test_float16_takes_the_plain_path_so_scaled_gradients_survive() -> None:
+    g = torch.Generator().manual_seed(2)
+    x0, w0 = torch.randn(64, 16, generator=g).half(), torch.randn(3000, 16, generator=g).half()
+    t = torch.randint(0, 3000, (64,), generator=g)
+    grads = []
+    for fn in (head_loss, lambda x, w, t: F.cross_entropy((x @ w.t()).float(), t)):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (fn(x, w, t) * 65536.0).backward()  # what a GradScaler does
+        grads.append(w.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].abs().min() > 0  # tiny gradients of unlikely tokens were not flushed to zero

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 ROWS_PER_SLICE = 32  # 32 x 50257 fp32 values = 6.4 MB: fits a CPU's L3 cache
 
@@ -28,6 +29,10 @@ def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, igno
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if x.dtype == torch.float16:
+        # fp16 training scales the loss (GradScaler) so that small gradients survive fp16; a gradient stored in
+        # fp16 during forward, before that scale is applied, would flush them to zero. The plain path, then.
+        return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=ignore_index)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _HeadLoss.apply(x, weight, targets, ignore_index)
     with torch.no_grad():
