@@ -54,3 +54,24 @@ def test_for_inference_packs_on_the_cpu_and_generates() -> None:
     model = for_inference(GPT(CONFIG), torch.device("cpu"), torch.float32)
     out = model.generate(torch.zeros(2, 3, dtype=torch.long), 6, top_k=5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 9)
+
+
+def test_packed_layers_follow_weight_changes_and_give_gradients() -> None:
+    _, packed = models(torch.float32)
+    if pack_linears(packed) == 0:
+        pytest.skip("oneDNN prepacking is not usable on this CPU")
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    other = GPT(CONFIG).eval()
+    packed.load_state_dict(other.state_dict())  # in place: the packed copies are stale now
+    with torch.no_grad():
+        want, _ = other(idx)
+        got, _ = packed(idx)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _, loss = packed(idx, idx)  # grad mode: plain F.linear, so backward reaches every weight
+    loss.backward()
+    assert all(p.grad is not None for p in packed.parameters())
+    packed.to(torch.bfloat16)  # cast after packing: still runs
+    with torch.no_grad():
+        logits, _ = packed(idx)
+    assert logits.dtype == torch.bfloat16

@@ -144,12 +144,12 @@ class SerializedState(io.RawIOBase):
         self._map: memoryview | None = None  # its page-aligned part
         self.size = 0
 
-    def fill(self, state: Any, capacity: int) -> None:
-        """Serialize ``state`` (without per-record CRCs), expecting about ``capacity`` bytes."""
+    def fill(self, state: Any, capacity: int, checksums: bool = False) -> None:
+        """Serialize ``state``, expecting about ``capacity`` bytes; with torch's per-record CRC-32s if ``checksums``."""
         if self._map is None or len(self._map) < capacity:
             self._allocate(capacity)
         self.size = 0
-        with _crc32(False):
+        with _crc32(checksums):
             torch.save(state, cast("IO[bytes]", self))
 
     def _allocate(self, capacity: int, keep: int = 0) -> None:
@@ -209,6 +209,8 @@ class SerializedState(io.RawIOBase):
                         written = 0
                     finally:
                         chunk.release()
+                    if written == 0 and not direct:
+                        raise OSError(errno.EIO, "the disk accepted no bytes")
                     offset += written
                     if direct and (written == 0 or offset % _ALIGN):  # refused or short: go on through the cache
                         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
@@ -287,12 +289,20 @@ class SnapshotWriter:
         self._buffer = SerializedState()
         self._error: BaseException | None = None
 
-    def submit(self, state: dict[str, Any], path: Path, background: bool = True) -> None:
+    def submit(self, state: dict[str, Any], path: Path, background: bool = True, checksums: bool = False) -> None:
+        """Serialize ``state`` now and write it to ``path`` (in the background unless ``background`` is False).
+
+        ``checksums``: torch's CRC-32 of every record, worth its CPU time for a final model kept for long, not for
+        periodic snapshots that are replaced within minutes.
+        """
         self.wait()
         path.parent.mkdir(parents=True, exist_ok=True)
         nbytes = state_nbytes(state)
         check_free_space(path.parent, nbytes)  # fail now, not ten steps later
-        self._buffer.fill(on_cpu(state), capacity=nbytes + nbytes // 64 + (1 << 20))  # + room for the pickle and zip
+        try:
+            self._buffer.fill(on_cpu(state), nbytes + nbytes // 64 + (1 << 20), checksums)  # + the pickle and zip
+        except (RuntimeError, MemoryError) as err:
+            raise OutDirError(f"could not serialize {path.name} in memory ({_why(err)}); nothing was written") from err
         if not background:
             self._write(path, nbytes)
             self.wait()

@@ -22,16 +22,18 @@ def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, igno
     """Mean cross-entropy of the logits ``x @ weight.T`` against ``targets``, in fp32.
 
     ``x`` (..., C) and ``targets`` (...) are flattened to N rows; ``weight`` is (V, C). Under autocast the matmuls
-    run in autocast's dtype, as ``nn.Linear`` would; targets equal to ``ignore_index`` do not count.
+    run in autocast's dtype, as ``nn.Linear`` would; targets equal to ``ignore_index`` do not count. Fused on CPUs
+    in fp32 and bf16; elsewhere this is the plain ``F.cross_entropy`` of the logits.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    if x.dtype == torch.float16:
-        # fp16 training scales the loss (GradScaler) so that small gradients survive fp16; a gradient stored in
-        # fp16 during forward, before that scale is applied, would flush them to zero. The plain path, then.
+    if x.device.type != "cpu" or x.dtype == torch.float16:
+        # GPUs: slices of 32 rows would be thousands of small kernel launches. fp16: training scales the loss
+        # (GradScaler) so that small gradients survive fp16, and a gradient stored in fp16 during forward, before
+        # that scale is applied, would flush them to zero. Both take the plain path.
         return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=ignore_index)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _HeadLoss.apply(x, weight, targets, ignore_index)

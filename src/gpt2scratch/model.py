@@ -69,7 +69,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
         elif T == 1:  # one new token may look at everything before it
             if q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0:
-                y = attend_one_query(q, k, v)  # (B, nh, 1, hs): the same, faster than CPU SDPA in bf16
+                y = attend_one_query(q, k, v)  # (B, nh, 1, hs): the same math, faster than CPU SDPA in bf16
             else:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
         else:  # new tokens see the past and the new tokens up to themselves
@@ -83,7 +83,8 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """softmax(q k^T / sqrt(hs)) v for one query per head, (B, nh, 1, hs), as two batched matrix-vector products.
 
     PyTorch's CPU SDPA kernels work on blocks of queries; for one bf16 query over a long KV cache they take 2-4x
-    longer than these two products, which stream the cache once. The softmax is taken in fp32.
+    longer than these two products, which stream the cache once. The scores come out of the first product in the
+    inputs' dtype (rounded to bf16, as every activation of a bf16 model is); the softmax is taken in fp32.
     """
     scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)  # (B, nh, 1, P+1)
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / math.sqrt(k.size(-1))

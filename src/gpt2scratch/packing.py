@@ -20,19 +20,40 @@ log = logging.getLogger(__name__)
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` for inference on a CPU, with its weight prepacked. ``weight`` stays (tied weights, dtype)."""
+    """``nn.Linear`` for inference on a CPU, with its weight prepacked. ``weight`` stays (tied weights, dtype).
 
-    def __init__(self, linear: nn.Linear, packed: torch.Tensor):
+    Where the packed copy cannot serve, it is plain ``F.linear``: when a gradient is wanted, or when the weight
+    was changed in place, cast or moved since it was packed (the copy is then packed anew if it can be).
+    """
+
+    def __init__(self, linear: nn.Linear, batch_hint: int):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.packed = packed
+        self.batch_hint = batch_hint
+        self._pack()
+
+    def _pack(self) -> None:
+        weight = self.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
+        self.packed_from = _identity(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)  # the packed op has no backward
+        if self.packed_from != _identity(self.weight):
+            if self.weight.device.type != "cpu" or self.weight.dtype != self.packed.dtype:
+                return F.linear(x, self.weight, self.bias)
+            self._pack()  # the weights were changed in place (load_state_dict, an optimizer step)
         rows = x.reshape(-1, self.in_features)
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
+
+
+def _identity(weight: torch.Tensor) -> tuple:
+    """What changes when a tensor is modified in place, cast or moved."""
+    return weight._version, weight.data_ptr(), weight.dtype, weight.device
 
 
 def pack_linears(model: nn.Module, batch_hint: int = 5) -> int:
@@ -47,8 +68,7 @@ def pack_linears(model: nn.Module, batch_hint: int = 5) -> int:
     for name, linear in linears:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
-        setattr(parent, child, PackedLinear(linear, packed))
+        setattr(parent, child, PackedLinear(linear, batch_hint))
     log.debug("prepacked %d linear layers for oneDNN", len(linears))
     return len(linears)
 

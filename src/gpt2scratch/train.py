@@ -381,7 +381,7 @@ def _train(
             if reached:
                 if not all_finite(model):
                     raise TrainingDiverged(f"the weights hold NaN/inf at step {run.step}; no final model written")
-                writer.submit(state("final", rngs), model_path, background=False)
+                writer.submit(state("final", rngs), model_path, background=False, checksums=True)
                 log.info(
                     "reached loss %.6f <= %g at step %d; final model: %s",
                     run.loss,
