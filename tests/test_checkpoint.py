@@ -58,6 +58,15 @@ def trained_snapshot(factory: pytest.TempPathFactory) -> Path:
     return _TRAINED[0]
 
 
+def save(state: dict, path: Path) -> None:
+    """An atomic save in the foreground, as training writes its final model."""
+    writer = SnapshotWriter(path.parent, keep=0)
+    try:
+        writer.submit(state, path, background=False, checksums=True)
+    finally:
+        writer.close()
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -107,10 +116,10 @@ def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_save_only_ever_shows_complete_files_under_the_final_name(tmp_path: Path) -> None:
     path = tmp_path / "snapshots" / "snapshot_step_1.pt"
-    checkpoint.save(our_state(1000, fill=1.0), path)
+    save(our_state(1000, fill=1.0), path)
     old_size = path.stat().st_size
     new = our_state(8_000_000, fill=2.0)  # 32 MB: the write takes long enough to be watched
-    saver = threading.Thread(target=checkpoint.save, args=(new, path))
+    saver = threading.Thread(target=save, args=(new, path))
     sizes, seen_temporaries = set(), set()
     saver.start()
     while saver.is_alive():
@@ -127,10 +136,10 @@ def test_save_only_ever_shows_complete_files_under_the_final_name(tmp_path: Path
 
 def test_failed_write_leaves_the_old_file_intact(tmp_path: Path) -> None:
     path = tmp_path / "final_model.pt"
-    checkpoint.save(our_state(1000), path)
+    save(our_state(1000), path)
     before = digest(path)
     with file_size_limit(1 << 20), pytest.raises(OutDirError) as failure:
-        checkpoint.save(our_state(2_000_000), path)  # 8 MB against a 1 MB limit
+        save(our_state(2_000_000), path)  # 8 MB against a 1 MB limit
     message = str(failure.value)
     assert "\n" not in message
     assert "file size limit" in message and "intact" in message
