@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import shlex
+import signal
 import sys
 import types
 import typing
@@ -110,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_generate(args)
         return run_export(args)
     except Interrupted as err:
+        # Nothing is left to stop: a further Ctrl-C while the interpreter shuts down must not turn exit 130 into a
+        # death by signal (Python restores the default handlers during shutdown).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"training stopped; snapshot: {err}; resume with: {_resume_command(raw, str(err))}", file=sys.stderr)
         return err.exit_code
     except GPT2ScratchError as err:
