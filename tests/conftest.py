@@ -1,16 +1,20 @@
-"""Shared fixtures: tiny corpora, a tiny model config, and running the real CLI in a subprocess."""
+"""The one home of shared test helpers and fixtures: tiny corpora and configs, running the real CLI, a session-wide
+trained snapshot, reading metrics, one-line error checks, and a malicious pickle."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gpt2scratch.config import GPTConfig
+from gpt2scratch.config import GPTConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +31,11 @@ SAMPLE_TEXT = (
     "First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\n"
     "All:\nWe know't, we know't.\n\nFirst Citizen:\nLet us kill him, and we'll have corn at our own price.\n"
 )
+
+
+# One thread per CLI run: the test machine has two cores shared with other work, and a second OpenMP thread that waits
+# for a busy core makes a tiny model's step several times slower. Runs compared with each other use the same count.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +70,64 @@ def skip_without(module: str) -> pytest.MarkDecorator:
     import importlib.util
 
     return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"needs {module}")
+
+
+def tiny_config(*flags: str) -> TrainConfig:
+    """The TrainConfig that ``gpt2-scratch train`` builds from the tiny flags and then ``flags`` (later flags win)."""
+    from gpt2scratch.cli import build_parser, from_args
+
+    return from_args(TrainConfig, build_parser().parse_args(["train", *TINY_TRAIN_FLAGS, *flags]))
+
+
+@pytest.fixture(scope="session")
+def trained_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The last snapshot (step 2) of one 2-step tiny run, trained in this process once per session and shared by the
+    test modules: copy it, never change it. Its out dir is ``trained_snapshot.parent.parent``."""
+    import torch
+
+    from gpt2scratch.train import train
+
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    flags = ["--input", str(folder / "input.txt"), "--out-dir", str(folder / "out"), "--target-loss", "0"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(tiny_config(*flags, "--max-steps", "2", "--snapshot-interval", "2")).model_path
+    finally:
+        torch.set_num_threads(threads)
+
+
+def metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``OUT/metrics.jsonl``, one per step."""
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
+    """A user's mistake: exit code ``expected_code`` and one line ``error: ...`` holding every fragment, no
+    traceback, and not an ``internal error`` (a bug of ours)."""
+    assert code == expected_code, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """Our temporary files (``.NAME.tmp-PID``) anywhere under ``folder``."""
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+class RunsCommand:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (self.command,))

@@ -16,8 +16,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, run_cli
-from test_checkpoint import RunsCommand, trained_snapshot
+from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, RunsCommand, run_cli
 
 ENTRY_POINT = Path(sys.executable).with_name("gpt2-scratch")
 FORMS = {
@@ -110,8 +109,8 @@ def _params() -> list:
 
 
 @pytest.fixture(scope="module")
-def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_snapshot(tmp_path_factory)
+def snapshot(trained_snapshot: Path) -> Path:
+    return trained_snapshot
 
 
 @pytest.mark.parametrize(("form", "argv", "code", "message"), _params())

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from gpt2scratch.config import PRESETS, GPTConfig, TrainConfig, flag, preset
+from gpt2scratch.cli import build_parser, from_args
+from gpt2scratch.config import PRESETS, GenerateConfig, GPTConfig, SamplingConfig, TrainConfig, flag, preset
 from gpt2scratch.errors import ConfigError, UsageError
 from gpt2scratch.model import GPT
 
@@ -90,16 +91,12 @@ def test_dict_round_trip_and_unknown_keys() -> None:
         GPTConfig.from_dict({**config.to_dict(), "zzz": 1, "n_ctx": 64})
 
 
-def test_config_is_immutable() -> None:
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        GPTConfig().n_layer = 3  # type: ignore[misc]
-
-
-def test_default_train_config_is_valid() -> None:
-    TrainConfig().validate()
-    TrainConfig(
-        preset="tiny", seq_len=128, max_steps=1, val_fraction=0.5, grad_clip=1.0, lr_schedule="cosine"
-    ).validate()
+def test_default_train_config_is_the_seed_contract() -> None:
+    cfg = TrainConfig()  # building it validates it
+    assert (cfg.batch_size, cfg.seq_len, cfg.lr, cfg.target_loss) == (4, 32, 3e-4, 0.099999)
+    assert (cfg.snapshot_interval, cfg.seed, cfg.preset) == (10, 1337, "gpt2")
+    assert SamplingConfig() == SamplingConfig(num_samples=5, max_length=30, top_k=50, seed=42)
+    TrainConfig(preset="tiny", seq_len=128, max_steps=1, val_fraction=0.5, grad_clip=1.0, lr_schedule="cosine")
 
 
 def test_train_config_overrides_the_preset() -> None:
@@ -145,10 +142,57 @@ def test_train_config_overrides_the_preset() -> None:
 )
 def test_train_config_rejects_out_of_range_flags(overrides: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
-        TrainConfig(**overrides).validate()
+        TrainConfig(**overrides)
 
 
 def test_flag_spelling() -> None:
     assert flag("batch_size") == "-B/--batch-size"
     assert flag("seq_len") == "-T/--seq-len"
     assert flag("warmup_steps") == "--warmup-steps"
+
+
+# ---- flags made from the dataclasses ----
+
+
+def test_train_flags_come_from_train_config() -> None:
+    args = build_parser().parse_args(["train", "-B", "8", "--lr", "1e-3", "--compile", "--max-steps", "7"])
+    cfg = from_args(TrainConfig, args)
+    assert cfg == TrainConfig(batch_size=8, lr=1e-3, compile=True, max_steps=7)
+    defaults = from_args(TrainConfig, build_parser().parse_args(["train"]))
+    assert defaults == TrainConfig()
+
+
+def test_generate_flags_come_from_the_sampling_config() -> None:
+    argv = ["generate", "--pretrained", "gpt2", "--top-k", "5", "--temperature", "0.5", "--stop-at-eot", "--stream"]
+    cfg = from_args(GenerateConfig, build_parser().parse_args(argv))
+    assert cfg.sampling == SamplingConfig(top_k=5, temperature=0.5, stop_at_eot=True)
+    assert (cfg.source, cfg.stream, cfg.prompt) == ("gpt2", True, GenerateConfig.prompt)
+    help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()  # type: ignore[union-attr]
+    for field in dataclasses.fields(SamplingConfig):
+        assert flag(field.name, SamplingConfig) in help_text, field.name
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["generate"], ["generate", "--checkpoint", "a.pt", "--pretrained", "gpt2"]],
+)
+def test_generate_needs_exactly_one_model_source(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"num_samples": 0}, "--num-samples must be positive"),
+        ({"top_k": 0}, "--top-k must be a positive integer"),
+        ({"top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
+        ({"temperature": -1.0}, "--temperature must be zero"),
+        ({"max_new_tokens": 0}, "--max-new-tokens must be positive"),
+    ],
+)
+def test_sampling_config_rejects_out_of_range_values(values: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        SamplingConfig(**values)

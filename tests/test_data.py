@@ -14,10 +14,9 @@ from conftest import SAMPLE_TEXT
 
 from gpt2scratch import data
 from gpt2scratch.config import TrainConfig
-from gpt2scratch.distributed import DistInfo
+from gpt2scratch.distributed import World
 from gpt2scratch.errors import DataError
 from gpt2scratch.tokenizer import EOT_TOKEN, get_encoding
-from gpt2scratch.train import Corpus, prepare_corpus
 
 # Text that is hard to cut: Windows line ends, spaces before newlines, blank-line runs, non-Latin scripts, emoji,
 # contractions right after a newline, a literal <|endoftext|> (plain text to the tokenizer) and a line longer than
@@ -30,7 +29,7 @@ TRICKY_TEXT = (
 
 
 def tokens_of(path: Path) -> list[int]:
-    return data.load_tokens(path).tolist()
+    return data.open_tokens(path).tolist()
 
 
 # ---- resolve_inputs ----
@@ -170,9 +169,9 @@ def test_cache_tokenizes_once_and_again_for_changed_input(tmp_path: Path, caplog
     cfg = TrainConfig(input=str(source), batch_size=4, seq_len=16)
     cache = tmp_path / "out" / "cache"
 
-    def prepare() -> tuple[Corpus, bool]:
+    def prepare() -> tuple[data.Corpus, bool]:
         caplog.clear()
-        corpus = prepare_corpus(cfg, tmp_path / "out", DistInfo(), None)
+        corpus = data.prepare_corpus(cfg, cache, World(), None)
         return corpus, any(m.startswith("tokenizing") for m in caplog.messages)
 
     corpus, tokenized = prepare()

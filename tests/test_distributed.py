@@ -3,7 +3,6 @@ combined batch, writes its files once, and resumes."""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed
-from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, run_cli
+from conftest import ONE_THREAD, REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, metrics, run_cli  # one thread per rank
 
 pytestmark = [
     pytest.mark.distributed,
@@ -23,7 +22,6 @@ pytestmark = [
 # Identical runs but for the split of the batch: 2 ranks x B=2 against 1 process x B=4.
 # TINY_TRAIN_FLAGS compute in float32, so the two agree to rounding.
 FLAGS = [*TINY_TRAIN_FLAGS, "--target-loss", "0", "--snapshot-interval", "5", "--keep-snapshots", "0"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # per rank: two ranks share the two cores
 
 
 def free_port() -> int:
@@ -41,10 +39,6 @@ def torchrun(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def single(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_cli(*flags, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
-
-
-def metrics(out_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -22,11 +22,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, TINY_TRAIN_FLAGS, run_cli
-from test_checkpoint import digest, temporaries, trained_snapshot
+from conftest import REPO, TINY_TRAIN_FLAGS, digest, run_cli, temporaries
 
-from gpt2scratch import checkpoint
-from gpt2scratch.checkpoint import FINAL_NAME, FORMAT_VERSION
+from gpt2scratch.checkpoint import FORMAT_VERSION, read_checkpoint
+from gpt2scratch.outdir import FINAL_NAME, list_snapshots, snapshot_path
 
 KILL_POINTS = 6
 STEP_LINE = re.compile(r"^step\s+(\d+) \|", re.MULTILINE)
@@ -110,9 +109,9 @@ def assert_files_load(out: Path) -> int:
     paths += [out / FINAL_NAME] if (out / FINAL_NAME).exists() else []
     for path in paths:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        assert state["format_version"] == FORMAT_VERSION and checkpoint.load(path)["step"] == state["step"]
+        assert state["format_version"] == FORMAT_VERSION and read_checkpoint(path)["step"] == state["step"]
         assert all(bool(torch.isfinite(t).all()) for t in state["model_state_dict"].values()), path
-    return max((step for step, _ in checkpoint.list_snapshots(out)), default=0)
+    return max((step for step, _ in list_snapshots(out)), default=0)
 
 
 def assert_resumed_from(stdout: str, step: int) -> None:
@@ -121,9 +120,9 @@ def assert_resumed_from(stdout: str, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(trained_snapshot: Path) -> Path:
     """The out dir of a 2-step tiny run: snapshots/snapshot_step_2.pt and the token cache."""
-    return trained_snapshot(tmp_path_factory).parent.parent
+    return trained_snapshot.parent.parent
 
 
 @pytest.mark.slow
@@ -137,7 +136,7 @@ def test_kill_9_at_random_moments_then_resume_auto(tmp_path: Path, text_file: Pa
         try:
             run.wait_until(run.steps, "the first step")
             if point == 0:  # --resume auto needs a snapshot to resume from
-                run.wait_until(lambda: checkpoint.list_snapshots(out), "the first snapshot")
+                run.wait_until(lambda: list_snapshots(out), "the first snapshot")
             time.sleep(rng.uniform(0.3, 1.5))  # some steps on: into the training and the snapshot writes
             run.send(signal.SIGKILL)
             assert run.finish() == -signal.SIGKILL
@@ -148,14 +147,14 @@ def test_kill_9_at_random_moments_then_resume_auto(tmp_path: Path, text_file: Pa
         newest = assert_files_load(out)
         mid_write += bool(temporaries(out))
         survived += 1
-    target = float(checkpoint.load(checkpoint.snapshot_path(out, newest))["loss"]) + 1.0
+    target = float(read_checkpoint(snapshot_path(out, newest))["loss"]) + 1.0
     last = run_cli("train", *train_flags(out, text_file, "--resume", "auto", "--target-loss", str(target)),
                    cwd=tmp_path)  # fmt: skip
     print(f"kill -9 points survived: {survived} of {KILL_POINTS} ({mid_write} in the middle of a snapshot write); "
           f"resumed last from step {newest}")  # fmt: skip
     assert last.returncode == 0, last.stderr
     assert_resumed_from(last.stdout, newest)
-    final = checkpoint.load(out / FINAL_NAME)
+    final = read_checkpoint(out / FINAL_NAME)
     assert final["kind"] == "final" and final["loss"] <= target and final["step"] > newest
     assert_files_load(out)
     assert not temporaries(out), "stale temporaries were not cleaned up by the next run"
@@ -168,7 +167,7 @@ def test_signal_stops_with_a_snapshot_and_a_resume_command(
 ) -> None:
     out = tmp_path / "out"
     run = Run(*train_flags(out, text_file, "--max-steps", "1000", "--target-loss", "0"), cwd=tmp_path)
-    run.wait_until(lambda: checkpoint.list_snapshots(out), "the first snapshot")
+    run.wait_until(lambda: list_snapshots(out), "the first snapshot")
     run.send(sig)
     assert run.finish(timeout=60) == 130
     assert "Traceback" not in run.stdout + run.stderr
@@ -177,7 +176,7 @@ def test_signal_stops_with_a_snapshot_and_a_resume_command(
     stopped = re.fullmatch(r"training stopped; snapshot: (\S+); resume with: (.+)", lines[0])
     assert stopped, lines[0]
     snapshot, command = Path(stopped[1]), shlex.split(stopped[2])
-    step = checkpoint.load(snapshot)["step"]
+    step = read_checkpoint(snapshot)["step"]
     assert step == run.steps()[-1], "the snapshot is not of the step the run stopped at"
     assert_files_load(out)
     assert command[:2] == ["gpt2-scratch", "train"]
@@ -189,7 +188,7 @@ def test_signal_stops_with_a_snapshot_and_a_resume_command(
     resumed = run_cli("train", *args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_resumed_from(resumed.stdout, step)
-    assert checkpoint.load(checkpoint.snapshot_path(out, step + 2))["step"] == step + 2
+    assert read_checkpoint(snapshot_path(out, step + 2))["step"] == step + 2
 
 
 def half_written(path: Path, size: int) -> bool:
@@ -208,13 +207,13 @@ def test_second_sigint_exits_at_once(tmp_path: Path, text_file: Path) -> None:
     flags = train_flags(out, text_file, "--n-embd", "128", "--snapshot-interval", "1", "--max-steps", "1000",
                         "--target-loss", "0")  # fmt: skip
     run = Run(*flags, cwd=tmp_path)
-    run.wait_until(lambda: checkpoint.list_snapshots(out), "the first snapshot")
+    run.wait_until(lambda: list_snapshots(out), "the first snapshot")
     run.send(signal.SIGINT)
     run.wait_until(lambda: "SIGINT received" in run.stdout, "the first SIGINT handled")
     after = run.stdout.index("SIGINT received")
     run.wait_until(lambda: STEP_LINE.search(run.stdout, after), "the step the run stops at")
     stop_step = int(STEP_LINE.search(run.stdout, after)[1])
-    size = checkpoint.list_snapshots(out)[0][1].stat().st_size
+    size = list_snapshots(out)[0][1].stat().st_size
     writing = out / "snapshots" / f".snapshot_step_{stop_step}.pt.tmp-{run.proc.pid}"
     run.wait_until(lambda: half_written(writing, size), "the last snapshot half written")
     sent = time.monotonic()
@@ -240,7 +239,7 @@ def _poison(snapshot: Path, path: Path, keys: tuple[str, ...], index: tuple[int,
 def test_resume_into_nan_loss_stops_without_writing(trained: Path, tmp_path: Path, text_file: Path) -> None:
     bad = tmp_path / "bad.pt"
     tied = ("transformer.wte.weight", "lm_head.weight")  # one matrix, stored under both names
-    _poison(checkpoint.snapshot_path(trained, 2), bad, tied, (0, 0))
+    _poison(snapshot_path(trained, 2), bad, tied, (0, 0))
     out = tmp_path / "out"
     result = run_cli("train", *train_flags(out, text_file, "--resume", str(bad), "--max-steps", "10",
                                            "--target-loss", "0"), cwd=tmp_path)  # fmt: skip
@@ -255,7 +254,7 @@ def test_resume_into_nan_loss_stops_without_writing(trained: Path, tmp_path: Pat
 def test_non_finite_weights_are_never_saved(trained: Path, tmp_path: Path, text_file: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(trained, out)
-    previous = checkpoint.snapshot_path(out, 2)
+    previous = snapshot_path(out, 2)
     before = digest(previous)
     bad = tmp_path / "bad.pt"
     _poison(previous, bad, ("transformer.wpe.weight",), (60,))  # -T 16 never reads position 60: the loss stays finite
@@ -266,7 +265,7 @@ def test_non_finite_weights_are_never_saved(trained: Path, tmp_path: Path, text_
     lines = stderr_lines(result.stderr)
     assert len(lines) == 1 and "NaN/inf at step 4" in lines[0], result.stderr
     assert STEP_LINE.findall(result.stdout) == ["3", "4"], "the loss should have stayed finite"
-    assert [path for _, path in checkpoint.list_snapshots(out)] == [previous]
+    assert [path for _, path in list_snapshots(out)] == [previous]
     assert digest(previous) == before
     assert not (out / FINAL_NAME).exists()
     assert_files_load(out)
@@ -283,7 +282,7 @@ def test_failed_snapshot_write_is_one_line_and_keeps_the_previous(trained: Path,
                                                                    text_file: Path) -> None:  # fmt: skip
     out = tmp_path / "out"
     shutil.copytree(trained, out)
-    previous = checkpoint.snapshot_path(out, 2)
+    previous = snapshot_path(out, 2)
     before = digest(previous)
     run = Run(*train_flags(out, text_file, "--resume", "auto", "--max-steps", "8", "--target-loss", "0"),
               cwd=tmp_path, preexec_fn=_file_size_limit_4mb)  # fmt: skip
@@ -293,7 +292,7 @@ def test_failed_snapshot_write_is_one_line_and_keeps_the_previous(trained: Path,
     assert len(lines) == 1, run.stderr
     assert re.fullmatch(r"error: could not write \S+snapshot_step_4\.pt: .+; the previous files are intact", lines[0])
     assert digest(previous) == before
-    assert [path for _, path in checkpoint.list_snapshots(out)] == [previous]
+    assert [path for _, path in list_snapshots(out)] == [previous]
     assert_files_load(out)
     assert not temporaries(out)
 
@@ -324,7 +323,7 @@ def test_second_run_on_a_locked_out_dir_is_refused(tmp_path: Path, text_file: Pa
     out = tmp_path / "out"
     first = Run(*train_flags(out, text_file, "--max-steps", "1000", "--target-loss", "0"), cwd=tmp_path)
     try:
-        first.wait_until(lambda: checkpoint.list_snapshots(out), "the first snapshot")
+        first.wait_until(lambda: list_snapshots(out), "the first snapshot")
         second = run_cli("train", *train_flags(out, text_file, "--max-steps", "4"), cwd=tmp_path)
         assert first.proc.poll() is None
     finally:
@@ -338,17 +337,3 @@ def test_second_run_on_a_locked_out_dir_is_refused(tmp_path: Path, text_file: Pa
                     cwd=tmp_path)  # fmt: skip
     assert third.returncode == 0, third.stderr
     assert_resumed_from(third.stdout, newest)
-
-
-def test_all_finite_catches_nan_and_inf_but_not_large_finite_weights() -> None:
-    from gpt2scratch.train import all_finite
-
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
-    assert all_finite(model)
-    with torch.no_grad():
-        model[0].weight.fill_(3e38)  # each weight finite; their sum overflows to inf
-        assert all_finite(model)
-        model[1].bias[3] = float("nan")
-        assert not all_finite(model)
-        model[1].bias[3] = float("-inf")
-        assert not all_finite(model)

@@ -8,7 +8,6 @@ Runs go through ``python train.py`` as a user would, except where only the loop'
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import shutil
@@ -19,19 +18,24 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, run_cli
+from conftest import (
+    ONE_THREAD,
+    REPO,
+    SAMPLE_TEXT,
+    TINY_TRAIN_FLAGS,
+    assert_one_line_error,
+    metrics,
+    run_cli,
+    tiny_config,
+)
 
 import gpt2scratch
 from gpt2scratch import data
-from gpt2scratch.cli import build_parser
 from gpt2scratch.config import TrainConfig
 from gpt2scratch.device import cpu_has_bf16
 from gpt2scratch.errors import CheckpointError
 from gpt2scratch.train import train
 
-# One thread per run: the test machine has two cores shared with other work, and a second OpenMP thread that
-# waits for a busy core makes a step several times slower. Runs compared with each other must use the same count anyway.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TOKENS_PER_STEP = 4 * 16  # -B 4 -T 16 of TINY_TRAIN_FLAGS
 
 SNAPSHOT_KEYS = {"model_state_dict", "optimizer_state_dict", "step", "loss", "config", "rng", "loader", "train_args"}
@@ -46,21 +50,15 @@ def train_py(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_cli(*TINY_TRAIN_FLAGS, *flags, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
 
 
-def tiny_config(tmp_path: Path, *flags: str) -> TrainConfig:
-    """The TrainConfig that ``train.py`` builds from the tiny flags and ``flags``, reading ``tmp_path/input.txt``."""
-    args = build_parser().parse_args(["train", *TINY_TRAIN_FLAGS, *flags])
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    return dataclasses.replace(cfg, input=str(tmp_path / "input.txt"), out_dir=str(tmp_path / "out"))
+def config_here(tmp_path: Path, *flags: str) -> TrainConfig:
+    """The TrainConfig of ``train.py`` with the tiny flags and ``flags``, reading ``tmp_path/input.txt``."""
+    return tiny_config("--input", str(tmp_path / "input.txt"), "--out-dir", str(tmp_path / "out"), *flags)
 
 
 def make_input(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
     return folder
-
-
-def metrics(out_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def snapshot_steps(out_dir: Path) -> list[int]:
@@ -73,14 +71,6 @@ def snapshot_steps(out_dir: Path) -> list[int]:
 
 def load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(fragment in lines[0] for fragment in fragments), lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.fixture
@@ -268,21 +258,9 @@ def test_resume_into_another_shape_is_one_line(run_a: Path, tmp_path: Path) -> N
     snapshot = run_a / "out" / "snapshots" / "snapshot_step_10.pt"
     flags = ["--resume", str(snapshot), "--n-embd", "64", "--out-dir", str(tmp_path / "out")]
     result = train_py(*RESUMABLE, "--max-steps", "12", *flags, cwd=run_a)
-    assert_one_line_error(result, "n_embd=32", "n_embd=64")
+    assert_one_line_error(result.returncode, result.stderr, 1, "n_embd=32", "n_embd=64")
+    assert "Traceback" not in result.stdout
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
-
-
-@pytest.mark.slow
-def test_fresh_run_in_a_used_out_dir_is_refused(run_a: Path, tmp_path: Path) -> None:
-    """A new run must not write over an earlier run's snapshots (its retention would prune them away)."""
-    out = tmp_path / "out"
-    shutil.copytree(run_a / "out", out)  # snapshots 10, 20, 30 of an earlier run
-    before = sorted(p.name for p in (out / "snapshots").iterdir())
-    result = train_py("--target-loss", "0", "--max-steps", "7", "--out-dir", str(out), cwd=run_a)
-    assert result.returncode == 1
-    assert "already holds an earlier run" in result.stderr and "--resume auto" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert sorted(p.name for p in (out / "snapshots").iterdir()) == before
 
 
 # ---- dtype, validation, gradient accumulation (in this process) ----
@@ -291,7 +269,7 @@ def test_fresh_run_in_a_used_out_dir_is_refused(run_a: Path, tmp_path: Path) -> 
 @pytest.mark.slow
 def test_dtype_auto_reaches_the_target(tmp_path: Path, in_process: None) -> None:
     make_input(tmp_path)
-    cfg = tiny_config(tmp_path, "--dtype", "auto", "--target-loss", str(TARGET), "--snapshot-interval", "0")
+    cfg = config_here(tmp_path, "--dtype", "auto", "--target-loss", str(TARGET), "--snapshot-interval", "0")
     result = train(cfg)
     expected = torch.bfloat16 if cpu_has_bf16() else torch.float32
     assert result.dtype == expected
@@ -304,14 +282,14 @@ def test_dtype_auto_reaches_the_target(tmp_path: Path, in_process: None) -> None
 def test_resume_auto_without_snapshots(tmp_path: Path, in_process: None) -> None:
     make_input(tmp_path)
     with pytest.raises(CheckpointError, match="--resume auto: no snapshot") as err:
-        train(tiny_config(tmp_path, "--resume", "auto"))
+        train(config_here(tmp_path, "--resume", "auto"))
     assert "\n" not in str(err.value)
 
 
 def test_val_loss_at_eval_intervals(tmp_path: Path, in_process: None, caplog: pytest.LogCaptureFixture) -> None:
     make_input(tmp_path)
     flags = ["--val-fraction", "0.25", "--eval-interval", "4", "--eval-batches", "2", "--max-steps", "9"]
-    train(tiny_config(tmp_path, *flags, "--target-loss", "0", "--snapshot-interval", "0"))
+    train(config_here(tmp_path, *flags, "--target-loss", "0", "--snapshot-interval", "0"))
     records = metrics(tmp_path / "out")
     assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
     assert all(r["val_loss"] > 0 for r in records if "val_loss" in r)
@@ -324,7 +302,7 @@ def test_grad_accum_equals_a_larger_batch(tmp_path: Path, in_process: None) -> N
     make_input(tmp_path)
     losses = []
     for name, flags in (("big", ["-B", "4"]), ("accum", ["-B", "2", "--grad-accum", "2"])):
-        cfg = tiny_config(tmp_path, *flags, "--max-steps", "3", "--target-loss", "0", "--snapshot-interval", "0")
+        cfg = config_here(tmp_path, *flags, "--max-steps", "3", "--target-loss", "0", "--snapshot-interval", "0")
         train(dataclasses.replace(cfg, out_dir=str(tmp_path / name)))
         losses.append([r["loss"] for r in metrics(tmp_path / name)])
     big, accum = losses

@@ -1,7 +1,9 @@
-"""Typed configuration: the model's shape (``GPTConfig``), its named presets, and the training run (``TrainConfig``).
+"""Typed configuration: the model's shape (``GPTConfig``), its named presets, and one dataclass per command
+(``TrainConfig``, ``GenerateConfig`` with its ``SamplingConfig``, ``ExportConfig``).
 
-Configuration flows one way: the CLI parses ``argv`` into these dataclasses, validates them here, and hands them to
-the training and generation code. Each field's ``metadata["help"]`` is the text ``--help`` shows.
+Configuration flows one way: the CLI makes each command's flags from its dataclass, parses ``argv`` into it, and
+hands it to the training or generation code. A command's dataclass validates itself once, when it is built. Each
+field's ``metadata`` holds the text ``--help`` shows and, where the name does not give it, the flag's spelling.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def preset(name: str) -> GPTConfig:
 
 
 def _opt(help: str, *flags: str, **extra: Any) -> dict[str, Any]:
-    """Field metadata for the CLI: the help text and, when not derived from the name, the flags."""
+    """Field metadata for the CLI: the help text and, when not derived from the name, the flags. ``extra`` may hold
+    ``choices``, ``group`` (one of the fields of a group is required, and only one) or ``positional``."""
     return {"help": help, "flags": flags, **extra}
 
 
@@ -126,6 +129,9 @@ class TrainConfig:
     )
     no_sample: bool = field(default=False, metadata=_opt("do not print samples after training"))
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         """Raise UsageError naming the first flag that is out of range."""
         positive = ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval")
@@ -172,9 +178,77 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def flag(name: str) -> str:
-    """The command-line spelling of a TrainConfig field, as users see it in messages."""
-    for f in dataclasses.fields(TrainConfig):
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. ``max_length`` counts the prompt (as the original script did); ``max_new_tokens`` does not
+    and wins when given. The defaults are the original's: 5 samples of 30 tokens, top-k 50, seed 42."""
+
+    num_samples: int = field(default=5, metadata=_opt("how many samples"))
+    max_length: int = field(default=30, metadata=_opt("tokens per sample, prompt included"))
+    max_new_tokens: int | None = field(
+        default=None, metadata=_opt("tokens to add after the prompt (overrides --max-length)")
+    )
+    top_k: int | None = field(default=50, metadata=_opt("sample from the k most likely tokens"))
+    top_p: float | None = field(
+        default=None, metadata=_opt("nucleus sampling: the smallest set reaching probability p")
+    )
+    temperature: float = field(default=1.0, metadata=_opt("0 is greedy"))
+    seed: int = field(default=42, metadata=_opt("random seed"))
+    stop_at_eot: bool = field(default=False, metadata=_opt("end a sample at <|endoftext|>"))
+
+    def __post_init__(self) -> None:
+        if self.num_samples <= 0:
+            raise UsageError(f"--num-samples must be positive, got {self.num_samples}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise UsageError(f"--top-k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be zero (greedy) or positive, got {self.temperature}")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise UsageError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """``gpt2-scratch generate``: which model, which prompt, where to run it, and how to sample."""
+
+    checkpoint: str | None = field(
+        default=None, metadata=_opt("a checkpoint written by train (final_model.pt or a snapshot)", group="source")
+    )
+    pretrained: str | None = field(
+        default=None,
+        metadata=_opt("gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers directory", group="source"),
+    )
+    prompt: str = field(default="Hello, I'm a language model,", metadata=_opt("text to continue"))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stream: bool = field(default=False, metadata=_opt("print tokens as they come (samples one after another)"))
+    device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
+    dtype: str = field(
+        default="auto", metadata=_opt("compute dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    )
+
+    @property
+    def source(self) -> str:
+        """The model to load: the checkpoint or the pretrained name/directory."""
+        source = self.checkpoint or self.pretrained
+        assert source is not None, "argparse requires one of --checkpoint/--pretrained"
+        return source
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``gpt2-scratch export``: a checkpoint of ours written as a transformers model directory."""
+
+    checkpoint: str = field(metadata=_opt("a checkpoint written by train", positional=True))
+    out_dir: str = field(
+        metadata=_opt("directory to write (config.json, model.safetensors, tokenizer files)", positional=True)
+    )
+
+
+def flag(name: str, command: type = TrainConfig) -> str:
+    """The command-line spelling of a field of a command's dataclass, as users see it in messages."""
+    for f in dataclasses.fields(command):
         if f.name == name and f.metadata.get("flags"):
             return "/".join(f.metadata["flags"])
     return "--" + name.replace("_", "-")

@@ -1,4 +1,4 @@
-"""Weights in and out of the Hugging Face transformers format, and loading a model from any source we accept.
+"""Weights in and out of the Hugging Face transformers format: config, key map, transposes, files, the hub.
 
 Our parameter names are OpenAI's, as in transformers' ``GPT2LMHeadModel``; the one difference is that transformers
 stores four projections as ``Conv1D`` (a Linear whose weight is transposed), so conversion is an explicit key map
@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, load, load_tensors_file
+from .checkpoint import model_from_weights, safe_load
 from .config import GPTConfig
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .model import GPT
 from .tokenizer import EOT_TOKEN, bpe_files
 
 log = logging.getLogger(__name__)
 
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # published on the hub as openai-community/NAME
 # transformers' Conv1D weights are (in, out); nn.Linear's are (out, in).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers older transformers versions saved with the weights; they hold no learned values.
@@ -92,7 +92,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
         ours[name] = tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor
     wte = ours.get("transformer.wte.weight")
-    if wte is None:  # model_from_state names what is missing
+    if wte is None:  # load_weights names what is missing
         return ours
     ours.setdefault("lm_head.weight", wte)  # tied: often saved once
     if not torch.equal(ours["lm_head.weight"], wte):
@@ -109,26 +109,7 @@ def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
-    """A GPT of ``config`` holding ``state``; CheckpointError naming the first missing or mismatched tensor."""
-    model = GPT(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not match a GPT-2 of this config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{source}: {key} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[key].shape)}"
-            )
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model
-
-
-def load_hf_dir(directory: Path) -> GPT:
+def model_from_hf_dir(directory: Path) -> GPT:
     """A GPT from a transformers model directory (config.json + model.safetensors or pytorch_model.bin)."""
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -147,12 +128,12 @@ def load_hf_dir(directory: Path) -> GPT:
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{safetensors_path} is truncated or corrupt ({err})") from None
     elif bin_path.is_file():
-        hf_state = load_tensors_file(bin_path)  # weights_only: a .bin that would run code is refused
+        hf_state = safe_load(bin_path)  # weights_only: a .bin that would run code is refused
         if not isinstance(hf_state, dict):
             raise CheckpointError(f"{bin_path} does not hold a state dict")
     else:
         raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
-    return model_from_state(config, state_dict_from_hf(hf_state), str(directory))
+    return model_from_weights(config, state_dict_from_hf(hf_state), str(directory))
 
 
 def download(name: str) -> Path:
@@ -170,21 +151,6 @@ def download(name: str) -> Path:
         return Path(snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=patterns))
     except Exception as err:  # the hub raises many types: offline, not cached, HTTP errors
         raise CheckpointError(f"could not get the {name!r} weights ({type(err).__name__}); {how}") from None
-
-
-def load_model(source: str | Path) -> tuple[GPT, dict[str, Any] | None]:
-    """A GPT from a published name, a transformers directory or a checkpoint of ours; also the checkpoint dict
-    when the source is one of ours (None otherwise)."""
-    path = Path(source)
-    if path.is_dir():
-        return load_hf_dir(path), None
-    if path.exists():
-        state = load(path)
-        config = GPTConfig.from_dict(state["config"])
-        return model_from_state(config, state["model_state_dict"], str(path)), state
-    if str(source) in HUB_NAMES:
-        return load_hf_dir(download(str(source))), None
-    raise CheckpointError(f"{source} is neither a file, a directory nor a published model ({', '.join(HUB_NAMES)})")
 
 
 def export(model: GPT, out_dir: Path) -> None:

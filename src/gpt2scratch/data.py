@@ -1,5 +1,7 @@
 """Training data: find the input text, tokenize it once into a cached uint16 file, and serve B x T batches from it.
 
+``prepare_corpus`` is the whole path from the flags to the tokens a run trains on.
+
 The token file is read through ``numpy.memmap``, so a corpus of many GB trains in bounded memory. Its name carries
 the sha256 of the input, so an unchanged input is never tokenized twice and a changed one always is. Tokenizing
 streams the text in chunks cut where GPT-2's pre-tokenizer would cut anyway, so the ids equal those of one call
@@ -11,18 +13,25 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from .config import TrainConfig
+from .corpus import builtin_text
+from .distributed import World, barrier
 from .errors import DataError
 from .tokenizer import EOT_TOKEN, get_encoding
+
+log = logging.getLogger(__name__)
 
 CHUNK_CHARS = 1 << 22  # ~4 MB of text per chunk handed to the tokenizer
 
@@ -164,9 +173,53 @@ def tokenize_files(files: list[Path], out_path: Path, progress: Progress | None 
     return count
 
 
-def load_tokens(path: Path) -> np.ndarray:
+def open_tokens(path: Path) -> np.ndarray:
     """The token file as a read-only memmap."""
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+@dataclass
+class Corpus:
+    """The training (and validation) tokens of a run, and where they came from."""
+
+    train: np.ndarray
+    val: np.ndarray | None
+    source: str  # what the user gave: paths or builtin:NAME
+    sha256: str
+
+
+def prepare_corpus(cfg: TrainConfig, cache: Path, world: World, progress: Progress | None) -> Corpus:
+    """Tokenize the input into ``cache`` once (rank 0; the others wait), memmap it, and split off the validation
+    tail. DataError for missing, empty or non-text input, or a validation tail shorter than one batch."""
+    if cfg.data is not None:
+        text_path = cache / f"{cfg.data}.txt"
+        if world.is_main:
+            text = builtin_text(cfg.data)
+            if not text_path.is_file() or text_path.read_text(encoding="utf-8") != text:
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = text_path.with_name(f".{text_path.name}.tmp-{os.getpid()}")
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, text_path)
+        barrier(world)
+        files, source = [text_path], f"builtin:{cfg.data}"
+    else:
+        files = resolve_inputs(cfg.input)
+        source = ", ".join(str(p) for p in files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")
+    sha = content_hash(files)
+    token_path = cache / f"tokens-{sha[:20]}.u16"
+    if world.is_main and not token_path.is_file():
+        log.info("tokenizing %s ...", source)
+        count = tokenize_files(files, token_path, progress)
+        log.info("tokenized: %d tokens -> %s", count, token_path)
+    barrier(world)
+    tokens = open_tokens(token_path)
+    if cfg.max_tokens is not None:
+        tokens = tokens[: cfg.max_tokens]
+    n_val = int(len(tokens) * cfg.val_fraction)
+    train_tokens, val_tokens = tokens[: len(tokens) - n_val], (tokens[len(tokens) - n_val :] if n_val else None)
+    if val_tokens is not None and len(val_tokens) < cfg.batch_size * cfg.seq_len + 1:
+        raise DataError(f"--val-fraction {cfg.val_fraction} leaves {len(val_tokens)} tokens, less than one batch")
+    return Corpus(train_tokens, val_tokens, source, sha)
 
 
 class TokenLoader:

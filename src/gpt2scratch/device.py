@@ -99,8 +99,8 @@ def keep_freed_memory() -> None:
     """Stop glibc from handing large freed blocks back to the OS between training steps.
 
     By default every tensor above 32 MB is a fresh mmap, and each step re-faults its pages from the kernel (zeroing
-    4 KB at a time): at 124M parameters on a CPU that is ~30% of a step. With mmap off and trimming deferred, freed
-    memory stays in the heap and is reused. Peak memory is unchanged; only glibc on Linux is affected.
+    4 KB at a time), which at 124M parameters on a CPU is a large share of a step. With mmap off and trimming
+    deferred, freed memory stays in the heap and is reused. Peak memory is unchanged; only glibc on Linux is affected.
     """
     import ctypes
     import ctypes.util

@@ -1,7 +1,7 @@
 """Several processes under torchrun: set-up, the data-parallel wrapper, and averaging across ranks.
 
 With one process every function here is a no-op, so ``python train.py`` and ``torchrun ... train.py`` run the same
-code. Rank and world size travel as a ``DistInfo`` value, never a global.
+code. Rank and world size travel as a ``World`` value, never a global.
 """
 
 from __future__ import annotations
@@ -15,71 +15,73 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
-class DistInfo:
+class World:
+    """The processes of a run: this one's rank (global and on its node) and how many there are."""
+
     rank: int = 0
     local_rank: int = 0
-    world_size: int = 1
+    size: int = 1
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.size > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def from_env() -> DistInfo:
+def from_env() -> World:
     """Rank and world size from torchrun's environment variables (one process when they are absent)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    return DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    return World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), size)
 
 
-def init(info: DistInfo, device: torch.device) -> torch.device:
+def init(world: World, device: torch.device) -> torch.device:
     """Join the process group (nccl on CUDA, gloo elsewhere); return this rank's device."""
-    if not info.enabled:
+    if not world.enabled:
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+        device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def shutdown(world: World) -> None:
+    if world.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
+def barrier(world: World) -> None:
+    if world.enabled:
         dist.barrier()
 
 
-def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def mean(value: torch.Tensor, world: World) -> torch.Tensor:
     """The mean of ``value`` over all ranks (the value itself with one process)."""
-    if info.enabled:
+    if world.enabled:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= info.world_size
+        value /= world.size
     return value
 
 
-def gather_objects(obj: object, info: DistInfo) -> list[object]:
+def gather_objects(obj: object, world: World) -> list[object]:
     """``obj`` of every rank, in rank order, on every rank (``[obj]`` with one process). Every rank must call it."""
-    if not info.enabled:
+    if not world.enabled:
         return [obj]
-    gathered: list[object] = [None] * info.world_size
+    gathered: list[object] = [None] * world.size
     dist.all_gather_object(gathered, obj)
     return gathered
 
 
-def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
     """The model in DistributedDataParallel when there are several processes; the model itself otherwise."""
-    if not info.enabled:
+    if not world.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -3,46 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
+from .config import SamplingConfig
 from .errors import UsageError
 from .model import GPT
 from .packing import pack_linears
 from .tokenizer import EOT_TOKEN, decode, encode
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to sample. ``max_length`` counts the prompt (as the original script did); ``max_new_tokens`` does not
-    and wins when given."""
-
-    num_samples: int = 5
-    max_length: int = 30
-    max_new_tokens: int | None = None
-    temperature: float = 1.0
-    top_k: int | None = 50
-    top_p: float | None = None
-    seed: int = 42
-    stop_at_eot: bool = False
-
-    def validate(self) -> None:
-        if self.num_samples <= 0:
-            raise UsageError(f"--num-samples must be positive, got {self.num_samples}")
-        if self.top_k is not None and self.top_k <= 0:
-            raise UsageError(f"--top-k must be a positive integer, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be zero (greedy) or positive, got {self.temperature}")
-        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
-            raise UsageError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
-
-
 def prompt_ids(model: GPT, prompt: str, sampling: SamplingConfig) -> tuple[list[int], int]:
     """The prompt's token ids and how many tokens to add; UsageError if the prompt does not fit."""
-    sampling.validate()
     ids = encode(prompt) if prompt else [EOT_TOKEN]
     block = model.config.block_size
     if len(ids) > block:
@@ -76,15 +48,8 @@ def generate_text(model: GPT, prompt: str, sampling: SamplingConfig) -> list[str
     device = model.lm_head.weight.device
     idx = torch.tensor([ids] * sampling.num_samples, dtype=torch.long, device=device)  # (B, T)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    out = model.generate(
-        idx,
-        new,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        generator=generator,
-        eos_token=EOT_TOKEN if sampling.stop_at_eot else None,
-    )
+    eos_token = EOT_TOKEN if sampling.stop_at_eot else None
+    out = model.generate(idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator, eos_token)
     return [decode(_until_eot(row.tolist(), len(ids), sampling.stop_at_eot)) for row in out]
 
 

@@ -119,19 +119,31 @@ class Block(nn.Module):
         return x
 
 
+class Transformer(nn.Module):
+    """GPT-2's body: embeddings, the stack of blocks and the final LayerNorm (checkpoint prefix ``transformer.``)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embeddings
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+
+    def forward(self, idx: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """Hidden states (B, T, C) after ln_f for token ids ``idx`` (B, T) at positions ``start`` to ``start + T``."""
+        pos = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.h):
+            x = block(x, cache, layer)  # (B, T, C)
+        return self.ln_f(x)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
-            )
-        )
+        self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf, 2017), as GPT-2 does
         self.apply(self._init_weights)
@@ -154,9 +166,9 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path: str) -> GPT:
         """A GPT with published or saved weights: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (through
         huggingface_hub), a transformers model directory, or a checkpoint of ours. Raises CheckpointError."""
-        from .convert import load_model  # weight formats live apart from the architecture
+        from .weights import load_model  # weight formats live apart from the architecture
 
-        return load_model(name_or_path)[0]
+        return load_model(name_or_path)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters, the tied embedding/head counted once; without wpe if ``non_embedding``."""
@@ -186,14 +198,9 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than the model's block size ({self.config.block_size})"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        x = self.transformer.drop(x)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)  # (B, T, C)
+        x = self.transformer(idx, start, cache)  # (B, T, C)
         if cache is not None:
             cache.length += T
-        x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         if targets is not None and not return_logits:

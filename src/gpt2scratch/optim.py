@@ -9,18 +9,19 @@ import torch
 from .config import TrainConfig
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, lr: float = 3e-4, weight_decay: float = 0.01) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases or LayerNorm gains), fused where supported.
 
-    The fused kernel does the whole update in one pass over memory: on a CPU it saves ~0.2 s a step at 124M.
+    Two parameter groups, matrices then the rest: the layout of ``optimizer_state_dict`` in our checkpoints. The
+    fused kernel does the whole update in one pass over memory; the model's device decides whether it is used.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    fused = device.type in ("cuda", "cpu", "mps")
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+    fused = params[0].device.type in ("cuda", "cpu", "mps")
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,8 +1,8 @@
 """Faster CPU inference: the Linear layers' weights reordered once into oneDNN's blocked layout.
 
 Decoding multiplies a handful of rows (one token per sample) by every weight matrix, once per token. Given a plain
-row-major weight, PyTorch's CPU kernels re-arrange it on every call, and that, not memory bandwidth, sets the pace:
-on a 2-core Zen 5, bf16 weights stream at ~12 GB/s this way and ~21 GB/s prepacked, fp32 ones at ~7 and ~25 GB/s.
+row-major weight, PyTorch's CPU kernels re-arrange it on every call, and that, not memory bandwidth, sets the pace
+(the README's speed section has the measured figures).
 Prepacking is what ``torch.compile`` does for frozen CPU models; here it is done directly, for inference only (the
 packed layers have no backward). The ops are PyTorch's own (``torch.ops.mkldnn``); where they are missing, or do
 not reproduce ``F.linear`` on a probe, the model is left as it was.

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import ONE_THREAD, assert_one_line_error, run_cli
 
 from gpt2scratch import cli
-from gpt2scratch.config import GPTConfig
-from gpt2scratch.convert import export, load_model
-from gpt2scratch.generate import SamplingConfig, generate_text, prompt_ids, stream_text
+from gpt2scratch.config import GPTConfig, SamplingConfig
+from gpt2scratch.convert import export
+from gpt2scratch.generate import generate_text, prompt_ids, stream_text
 from gpt2scratch.model import GPT
 from gpt2scratch.tokenizer import decode, encode
+from gpt2scratch.weights import load_model
 
 PROMPT = "Hello, I'm a language model,"  # the CLI's default prompt: 8 tokens
 BLOCK = 64
 CPU = torch.device("cpu")
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for the CLI runs, as one_thread below is for this process
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +44,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(hf_dir: Path) -> GPT:
-    return load_model(hf_dir)[0].eval()
+    return load_model(hf_dir).eval()
 
 
 def samples(stdout: str) -> list[str]:
@@ -175,15 +175,6 @@ def run_main(capsys: pytest.CaptureFixture[str]):
     root.handlers[:] = handlers
     root.setLevel(level)
     torch.set_float32_matmul_precision(precision)
-
-
-def assert_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
-    assert code == expected_code, err
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: "), err  # a user error, not "internal error: ..." (a bug of ours)
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def test_missing_checkpoint(run_main, tmp_path: Path) -> None:

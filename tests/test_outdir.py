@@ -1,0 +1,104 @@
+"""A run's out dir: retention, discovery of the newest snapshot, the refusal to overwrite an earlier run, the lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt2scratch.errors import CheckpointError, OutDirError
+from gpt2scratch.outdir import (
+    FINAL_NAME,
+    OutDirLock,
+    latest_snapshot,
+    list_snapshots,
+    prune,
+    refuse_to_overwrite,
+    snapshot_path,
+)
+
+# ---- retention and discovery ----
+
+
+@pytest.mark.parametrize(("keep", "kept"), [(2, [10, 20]), (1, [20]), (0, [1, 2, 3, 10, 20]), (9, [1, 2, 3, 10, 20])])
+def test_prune_keeps_the_newest(keep: int, kept: list[int], tmp_path: Path) -> None:
+    for step in (1, 2, 3, 10, 20):  # 10 and 20 sort before 2 and 3 as text: the order must be numeric
+        path = snapshot_path(tmp_path, step)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+    others = [tmp_path / "snapshots" / ".snapshot_step_30.pt.tmp-1", tmp_path / "snapshots" / "notes.txt"]
+    for path in others:
+        path.write_bytes(b"x")
+    prune(tmp_path, keep)
+    assert [step for step, _ in list_snapshots(tmp_path)] == kept
+    assert all(path.exists() for path in others)
+
+
+def test_latest_snapshot_skips_a_corrupt_newest_snapshot(trained_snapshot: Path, tmp_path: Path) -> None:
+    good = snapshot_path(tmp_path, 2)
+    good.parent.mkdir()
+    good.write_bytes(trained_snapshot.read_bytes())
+    snapshot_path(tmp_path, 4).write_bytes(trained_snapshot.read_bytes()[:1000])  # cut short
+    path, state = latest_snapshot(tmp_path)
+    assert path == good and state["step"] == 2
+    good.unlink()
+    with pytest.raises(CheckpointError, match="no snapshot"):
+        latest_snapshot(tmp_path)
+
+
+@pytest.mark.parametrize("earlier", ["snapshots/snapshot_step_30.pt", FINAL_NAME])
+def test_a_fresh_run_is_refused_where_an_earlier_one_left_files(earlier: str, tmp_path: Path) -> None:
+    """Its retention would prune the earlier run's snapshots away, and its final model would replace theirs."""
+    refuse_to_overwrite(tmp_path)  # an empty out dir is fine
+    (tmp_path / earlier).parent.mkdir(exist_ok=True)
+    (tmp_path / earlier).write_bytes(b"x")
+    with pytest.raises(OutDirError, match="already holds an earlier run") as failure:
+        refuse_to_overwrite(tmp_path)
+    assert Path(earlier).name in str(failure.value) and "--resume auto" in str(failure.value)
+
+
+# ---- the out-dir lock ----
+
+
+def test_second_lock_on_a_dir_fails_while_the_first_is_held(tmp_path: Path) -> None:
+    first = OutDirLock(tmp_path)
+    first.acquire()
+    try:
+        with pytest.raises(OutDirError, match=rf"in use by a running training \(pid {os.getpid()}\)"):
+            OutDirLock(tmp_path).acquire()
+    finally:
+        first.release()
+    again = OutDirLock(tmp_path)
+    again.acquire()
+    again.release()
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from gpt2scratch.outdir import OutDirLock
+OutDirLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def test_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutDirError, match=rf"pid {holder.pid}\)"):
+            OutDirLock(tmp_path).acquire()
+        os.kill(holder.pid, signal.SIGKILL)
+        assert holder.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    lock = OutDirLock(tmp_path)
+    lock.acquire()  # the lock file is still there, with the dead pid in it, but the lock died with its holder
+    lock.release()

@@ -1,0 +1,102 @@
+"""The training state: what a checkpoint holds is exactly ``TrainState.state_dict()``, and ``load_state_dict`` puts a
+run back where that left it. Checkpoint format 1 is a contract: files written by earlier versions must still resume."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+from gpt2scratch.checkpoint import FORMAT_VERSION, read_checkpoint
+from gpt2scratch.config import TrainConfig
+from gpt2scratch.data import Corpus, TokenLoader
+from gpt2scratch.distributed import World
+from gpt2scratch.errors import CheckpointError
+from gpt2scratch.model import GPT
+from gpt2scratch.optim import make_optimizer
+from gpt2scratch.trainstate import TrainState
+
+# The keys of a format-1 checkpoint, as every version since the first wrote them (and the original README's resume
+# recipe reads model_state_dict and optimizer_state_dict): changing them needs a new FORMAT_VERSION.
+FORMAT_1_KEYS = {"format_version", "kind", "model_state_dict", "optimizer_state_dict", "scaler", "config", "step"}
+FORMAT_1_KEYS |= {"loss", "rng", "rng_per_rank", "loader", "train_args", "metadata"}
+
+
+def new_state(seed: int) -> TrainState:
+    torch.manual_seed(seed)
+    model = GPT(TINY)
+    tokens = np.arange(4000, dtype=np.uint16) % TINY.vocab_size
+    cpu = torch.device("cpu")
+    return TrainState(
+        cfg=TrainConfig(preset="tiny", batch_size=2, seq_len=8),
+        model=model,
+        optimizer=make_optimizer(model),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loader=TokenLoader(tokens, 2, 8),
+        corpus=Corpus(tokens, None, "test", "0" * 64),
+        world=World(),
+        device=cpu,
+        dtype=torch.float32,
+    )
+
+
+def take_steps(state: TrainState, n: int) -> list[float]:
+    losses = []
+    for _ in range(n):
+        x, y = state.loader.next_batch()
+        _, loss = state.model(x, y)
+        loss.backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        state.step += 1
+        state.loss = loss.item()
+        losses.append(state.loss)
+        torch.rand(1)  # the RNG moves on, as dropout would move it
+    return losses
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_state_dict_is_format_1_and_restores_a_run_exactly() -> None:
+    first = new_state(seed=0)
+    take_steps(first, 3)
+    saved = copy.deepcopy(first.state_dict())
+    assert set(saved) == FORMAT_1_KEYS and saved["format_version"] == FORMAT_VERSION == 1
+    assert (saved["step"], saved["loader"]) == (3, {"position": 3 * 2 * 8})
+    expected = take_steps(first, 4)  # the uninterrupted run
+
+    second = new_state(seed=1)  # other initial weights, RNG and position: all must be replaced
+    second.load_state_dict(saved)
+    assert (second.step, second.loss) == (3, saved["loss"])
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["cpu"])  # dropout would continue its stream
+    assert take_steps(second, 4) == expected
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[name], tensor), name
+
+
+def test_a_format_1_file_from_an_earlier_version_resumes(trained_snapshot: Path) -> None:
+    """The session's snapshot, rewritten with only what format 1 held: the keys a version before TrainState wrote."""
+    old = {key: value for key, value in read_checkpoint(trained_snapshot).items() if key in FORMAT_1_KEYS}
+    state = new_state(seed=3)
+    state.load_state_dict(old)
+    assert state.step == 2 and state.loader.position == old["loader"]["position"]
+    assert torch.equal(state.model.transformer.wte.weight, old["model_state_dict"]["transformer.wte.weight"])
+
+
+@pytest.mark.parametrize("missing", ["optimizer_state_dict", "loader", "rng"])
+def test_a_checkpoint_without_what_resume_needs_is_refused(missing: str) -> None:
+    saved = new_state(seed=0).state_dict()
+    del saved[missing]
+    with pytest.raises(CheckpointError, match=rf"the file lacks {missing}, so training cannot resume") as failure:
+        new_state(seed=1).load_state_dict(saved, "the file")
+    assert "--init-from" in str(failure.value)
+
+
+def test_a_checkpoint_of_another_shape_names_the_tensor() -> None:
+    saved = new_state(seed=0).state_dict()
+    saved["model_state_dict"]["transformer.wpe.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=r"transformer\.wpe\.weight has shape \(3, 3\)"):
+        new_state(seed=1).load_state_dict(saved)
