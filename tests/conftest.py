@@ -1,11 +1,14 @@
 """The one home of shared test helpers and fixtures: tiny corpora and configs, running the real CLI, a session-wide
-trained snapshot, reading metrics, one-line error checks, and a malicious pickle."""
+trained snapshot, reading metrics, one-line error checks, a file size limit, and a malicious pickle."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -121,6 +124,22 @@ def digest(path: Path) -> str:
 def temporaries(folder: Path) -> list[Path]:
     """Our temporary files (``.NAME.tmp-PID``) anywhere under ``folder``."""
     return [p for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """RLIMIT_FSIZE on this process with SIGXFSZ ignored: a write past ``nbytes`` fails with EFBIG, as on a quota.
+
+    Only the soft limit moves, so it can be lifted again afterwards.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 class RunsCommand:

@@ -10,15 +10,13 @@ import contextlib
 import json
 import pickle
 import random
-import resource
-import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, TINY, RunsCommand, digest, temporaries
+from conftest import SAMPLE_TEXT, TINY, RunsCommand, digest, file_size_limit, temporaries
 
 from gpt2scratch.checkpoint import FORMAT_VERSION, SnapshotWriter, all_finite, read_checkpoint
 from gpt2scratch.convert import config_to_hf, model_from_hf_dir
@@ -33,22 +31,6 @@ def save(state: dict, path: Path) -> None:
         writer.submit(state, path, background=False, checksums=True)
     finally:
         writer.close()
-
-
-@contextlib.contextmanager
-def file_size_limit(nbytes: int) -> Iterator[None]:
-    """RLIMIT_FSIZE on this process with SIGXFSZ ignored: a write past ``nbytes`` fails with EFBIG, as on a quota.
-
-    Only the soft limit moves, so it can be lifted again afterwards.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
 
 
 def our_state(numel: int, fill: float = 1.0) -> dict:

@@ -6,6 +6,7 @@ checkpoint that does not fit). A user's mistake is never reported as an internal
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -16,7 +17,11 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, RunsCommand, run_cli
+from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, RunsCommand, digest, run_cli
+
+from gpt2scratch.config import GPTConfig
+from gpt2scratch.convert import export
+from gpt2scratch.model import GPT
 
 ENTRY_POINT = Path(sys.executable).with_name("gpt2-scratch")
 FORMS = {
@@ -37,6 +42,8 @@ FILES: dict[str, Callable[[Path, Path], object]] = {
     "random.bin": lambda path, snap: path.write_bytes(random.Random(0).randbytes(4096)),
     "foreign.pt": lambda path, snap: torch.save(torch.load(snap, weights_only=True)["model_state_dict"], path),
     "evil.pt": lambda path, snap: torch.save(RunsCommand(f"touch {path.parent / 'pwned'}"), path),
+    "vocab1000": lambda path, snap: export(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=1000)), path),
+    "a-model": lambda path, snap: (path.mkdir(), (path / "config.json").write_text('{"model_type": "gpt2"}\n')),
 }
 
 TRAIN = ("train", *TINY_TRAIN_FLAGS, "--input", "text.txt", "--max-steps", "1")  # later flags override these
@@ -87,14 +94,88 @@ CASES = {
     "resume-foreign": Case((*TRAIN, "--resume", "foreign.pt"), 1, r"foreign\.pt is not a gpt2-scratch checkpoint"),
     "resume-malicious": Case((*TRAIN, "--resume", "evil.pt"), 1, r"refused to load evil\.pt"),
     "resume-other-shape": Case(
-        (*TRAIN, "--resume", "snap.pt", "--n-embd", "64"), 1, r"n_embd=32 .*, this run asks for .*n_embd=64"
+        (*TRAIN, "--resume", "snap.pt", "--n-embd", "64", "--max-steps", "5"),
+        1,
+        r"n_embd=32 .*, this run asks for .*n_embd=64",
     ),
     "generate-missing": Case(("generate", "--checkpoint", "missing.pt"), 1, r"missing\.pt is neither a file"),
     "generate-top-k-0": Case(
         ("generate", "--checkpoint", "snap.pt", "--top-k", "0"), 2, r"--top-k must be a positive integer, got 0"
     ),
     "export-not-a-checkpoint": Case(("export", "text.txt", "exported"), 1, r"text\.txt is (truncated or )?corrupt"),
+    # issue 16: generate and export
+    "generate-other-vocabulary": Case(
+        ("generate", "--pretrained", "vocab1000"), 1, r"vocab1000 has a vocabulary of 1,000 tokens, .*50,257-token BPE"
+    ),
+    "generate-temperature-nan": Case(
+        ("generate", "--checkpoint", "snap.pt", "--temperature", "nan"), 2, r"--temperature must be .*finite.*got nan"
+    ),
+    "generate-temperature-inf": Case(
+        ("generate", "--checkpoint", "snap.pt", "--temperature", "inf"), 2, r"--temperature must be .*finite.*got inf"
+    ),
+    "generate-seed-too-large": Case(
+        ("generate", "--checkpoint", "snap.pt", "--seed", str(10**22)), 2, r"--seed must be in \[0, 2\*\*64"
+    ),
+    "generate-num-samples-huge": Case(
+        ("generate", "--checkpoint", "snap.pt", "--num-samples", "100000000"),
+        2,
+        r"--num-samples 100000000 of 30 tokens needs about \d+\.\d+ GB of memory, more than the \d+\.\d+ GB available",
+    ),
+    "export-into-a-model": Case(("export", "snap.pt", "a-model"), 1, r"a-model is not empty; .*or --force"),
+    "export-force-over-other-files": Case(
+        ("export", "snap.pt", "docs", "--force"), 1, r"docs is not a model directory \(it has no config\.json\)"
+    ),
+    "export-onto-a-file": Case(("export", "snap.pt", "text.txt"), 1, r"text\.txt is a file"),
 }
+
+
+# Issue 16: a run knows what it is (items 1, 2, 6, 12), checked before the first step.
+FILES.update(
+    {
+        "victim": lambda path, snap: shutil.copytree(snap.parent.parent, path),  # another run's out dir, in use
+        "other.txt": lambda path, snap: path.write_text(SAMPLE_TEXT.upper() * 3, encoding="utf-8"),
+        "badstep.pt": lambda path, snap: torch.save({**torch.load(snap, weights_only=True), "step": "12"}, path),
+        "pipe": lambda path, snap: os.mkfifo(path),
+    }
+)
+RESUME = (*TRAIN, "--resume", "snap.pt", "--max-steps", "5")
+CASES.update(
+    {
+        "resume-into-another-run": Case(
+            (*RESUME, "--out-dir", "victim"), 1, r"victim holds another run \(snapshot_step_2\.pt, metrics\.jsonl\)"
+        ),
+        "resume-other-batch": Case(
+            (*RESUME, "-B", "2"), 2, r"-B/--batch-size 2, the checkpoint's 4; .*--allow-changed batch_size to change"
+        ),
+        "resume-other-lr-and-clip": Case(
+            (*RESUME, "--lr", "1e-3", "--grad-clip", "1"),
+            2,
+            r"--lr 0\.001, the checkpoint's 0\.003; --grad-clip 1\.0, the checkpoint's 0\.0; "
+            r".*--allow-changed lr,grad_clip",
+        ),
+        "resume-other-input": Case(
+            (*RESUME, "--input", "other.txt"),
+            2,
+            r"--input/--data gives another text \(sha256 \w{12}, the checkpoint's \w{12}\)",
+        ),
+        "resume-allow-unknown": Case(
+            (*RESUME, "--allow-changed", "colour"), 2, r"unknown field\(s\) colour; choose from"
+        ),
+        "allow-without-resume": Case((*TRAIN, "--allow-changed", "lr"), 2, r"--allow-changed applies to a resumed run"),
+        "resume-max-steps-behind": Case(
+            (*RESUME, "--max-steps", "1"), 2, r"--max-steps 1 is not beyond the checkpoint's step 2; raise it"
+        ),
+        "resume-damaged-step": Case(
+            (*TRAIN, "--resume", "badstep.pt", "--max-steps", "5"), 1, r"badstep\.pt is damaged: its step is '12'"
+        ),
+        "out-dir-empty": Case((*TRAIN, "--out-dir", ""), 2, r"--out-dir must not be empty; give \. for"),
+        "input-fifo": Case((*TRAIN, "--input", "pipe"), 1, r"input pipe is not a regular file \(a FIFO"),
+        "init-from-other-vocabulary": Case(
+            (*TRAIN, "--init-from", "vocab1000"), 1, r"--init-from vocab1000 has a vocabulary of 1,000 tokens"
+        ),
+        "seed-too-large": Case((*TRAIN, "--seed", str(2**64)), 2, r"--seed must be in \[0, "),
+    }
+)
 
 
 def _params() -> list:
@@ -131,3 +212,46 @@ def test_bad_input_is_one_line_and_an_exit_code(
     assert re.search(message, lines[0]), lines[0]
     assert result.returncode == code, lines[0]
     assert not (tmp_path / "pwned").exists()
+
+
+# Issue 16, item 4: the environment is read inside the error handling; only training is distributed.
+ENV_CASES = {
+    "world-size-not-a-number": ({"WORLD_SIZE": "abc"}, TRAIN, 2, r"WORLD_SIZE='abc' in the environment is not a"),
+    "rank-missing": ({"WORLD_SIZE": "2"}, TRAIN, 2, r"WORLD_SIZE=2 is set but RANK is not; .*torchrun"),
+    "no-rendezvous": ({"WORLD_SIZE": "2", "RANK": "1"}, TRAIN, 2, r"could not join the other 1 process\(es\)"),
+    "generate-ignores-it": (
+        {"WORLD_SIZE": "abc"},
+        ("generate", "--checkpoint", "snap.pt", "--max-new-tokens", "2"),
+        0,
+        "",
+    ),
+    "export-ignores-it": ({"WORLD_SIZE": "2"}, ("export", "snap.pt", "exported"), 0, ""),
+}
+
+
+@pytest.mark.parametrize("case", list(ENV_CASES))
+def test_torchrun_variables_are_checked_in_one_line(case: str, snapshot: Path, tmp_path: Path) -> None:
+    env, argv, code, message = ENV_CASES[case]
+    for name in ("text.txt", "snap.pt"):
+        FILES[name](tmp_path / name, snapshot)
+    result = run_cli(*argv, cwd=tmp_path, timeout=120, env=env)
+    assert "Traceback" not in result.stdout + result.stderr and "internal error" not in result.stderr, result.stderr
+    assert result.returncode == code, result.stderr
+    if code:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
+
+
+def test_resuming_into_another_run_changes_none_of_its_files(snapshot: Path, tmp_path: Path) -> None:
+    """Issue 16, item 1: the victim's metrics were cut from 30 lines to 8 and its new snapshot pruned at once."""
+    FILES["text.txt"](tmp_path / "text.txt", snapshot)
+    FILES["victim"](tmp_path / "victim", snapshot)
+    victim = tmp_path / "victim"
+    before = {p: digest(p) for p in victim.rglob("*") if p.is_file() and p.name != ".gpt2scratch.lock"}
+    base = tmp_path / "base.pt"
+    shutil.copyfile(snapshot, base)
+    result = run_cli(*RESUME[:-4], "--resume", str(base), "--max-steps", "8", "--out-dir", "victim",
+                     cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 1 and "holds another run" in result.stderr, result.stderr
+    after = {p: digest(p) for p in victim.rglob("*") if p.is_file() and p.name != ".gpt2scratch.lock"}
+    assert after == before

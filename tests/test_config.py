@@ -191,8 +191,22 @@ def test_generate_needs_exactly_one_model_source(argv: list[str], capsys: pytest
         ({"top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
         ({"temperature": -1.0}, "--temperature must be zero"),
         ({"max_new_tokens": 0}, "--max-new-tokens must be positive"),
+        # issue 16: nan printed garbage, inf sampled only ids 0-49, a huge seed was an internal error
+        ({"temperature": float("nan")}, "--temperature must be zero .* finite"),
+        ({"temperature": float("inf")}, "--temperature must be zero .* finite"),
+        ({"seed": -1}, r"--seed must be in \[0, 2\*\*64 - 1\]"),
+        ({"seed": 2**64}, r"--seed must be in \[0, 2\*\*64 - 1\]"),
+        ({"seed": 99999999999999999999999}, "--seed"),
     ],
 )
 def test_sampling_config_rejects_out_of_range_values(values: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         SamplingConfig(**values)
+
+
+def test_seed_range_is_torchs() -> None:
+    """Both ends of the accepted range seed a generator; one past the end is what torch itself refuses."""
+    for seed in (0, 2**64 - 1):
+        assert torch.Generator().manual_seed(SamplingConfig(seed=seed).seed).initial_seed() == seed
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.Generator().manual_seed(2**64)

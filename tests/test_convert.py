@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import stat
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli, skip_without
+from conftest import TINY, digest, file_size_limit, run_cli, skip_without, temporaries
 
 from gpt2scratch.checkpoint import FORMAT_VERSION
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.errors import CheckpointError, ConfigError, GPT2ScratchError
+from gpt2scratch.convert import export
+from gpt2scratch.errors import CheckpointError, ConfigError, GPT2ScratchError, OutDirError
 from gpt2scratch.model import GPT
 from gpt2scratch.tokenizer import encode
 
@@ -60,6 +63,16 @@ def assert_same_outputs(hf, ours: GPT, idx: torch.Tensor) -> None:
     assert logits.shape == expected.logits.shape
     assert (logits - expected.logits).abs().max().item() <= 1e-4
     assert loss is not None and abs(loss.item() - expected.loss.item()) <= 1e-5
+
+
+def random_model(config: GPTConfig) -> GPT:
+    """A GPT of ours whose every parameter is non-trivial: non-zero biases, non-unit LayerNorms."""
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model
 
 
 def write_checkpoint(model: GPT, path: Path) -> None:
@@ -129,11 +142,7 @@ def test_old_buffers_and_bare_gpt2model_keys_load(tmp_path: Path) -> None:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, Path]:
     """A checkpoint of ours with random weights, and its export through the real `gpt2-scratch export`."""
     tmp = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    model = GPT(TINY).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)  # non-zero biases, non-unit LayerNorms
+    model = random_model(TINY)
     write_checkpoint(model, tmp / "model.pt")
     result = run_cli("export", str(tmp / "model.pt"), str(tmp / "hf"))
     assert result.returncode == 0, result.stderr
@@ -149,6 +158,9 @@ def test_export_writes_a_transformers_directory(exported: tuple[GPT, Path]) -> N
     config = json.loads((out / "config.json").read_text())
     assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_positions"]) == (2, 2, 32, 64)
     assert config["model_type"] == "gpt2" and config["activation_function"] == "gelu_new"
+    assert config["bos_token_id"] == config["eos_token_id"] == 50256  # <|endoftext|>, in GPT-2's vocabulary
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["bos_token_id"] == generation["eos_token_id"] == 50256
 
 
 def test_export_round_trip_without_transformers_is_exact(exported: tuple[GPT, Path]) -> None:
@@ -205,6 +217,94 @@ def test_export_refuses_a_directory(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "is a directory" in result.stderr
+
+
+def test_exported_files_have_the_mode_of_ordinary_files(exported: tuple[GPT, Path], tmp_path: Path) -> None:
+    """safetensors' save_file made model.safetensors 0600 while the other files got 0666 minus the umask."""
+    _, out = exported
+    (tmp_path / "ordinary").write_bytes(b"")
+    ordinary = stat.S_IMODE((tmp_path / "ordinary").stat().st_mode)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, ordinary)
+
+
+# --- issue 16: vocabularies other than GPT-2's, existing targets, full disks ------------------------------------
+
+OTHER_VOCABULARY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=1000)
+SMALL = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=100)
+
+
+def test_export_of_another_vocabulary_claims_no_tokenizer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """GPT-2's tokenizer files beside "vocab_size": 1000 would tokenize into ids the model does not have."""
+    with caplog.at_level(logging.WARNING, logger="gpt2scratch.convert"):
+        export(random_model(OTHER_VOCABULARY), tmp_path / "hf")
+    out = tmp_path / "hf"
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "generation_config.json"}
+    assert "1,000 tokens" in caplog.text and "no tokenizer files" in caplog.text
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 1000
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None  # not 50256, which does not exist
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert "bos_token_id" not in generation and "eos_token_id" not in generation
+
+
+@needs_transformers
+def test_export_of_another_vocabulary_loads_in_transformers(tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    model = random_model(OTHER_VOCABULARY)
+    export(model, tmp_path / "hf")
+    hf, info = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.eos_token_id is None and hf.generation_config.eos_token_id is None
+    assert_same_outputs(hf.eval(), model, random_ids(1000, 2, 48))
+
+
+def test_export_refuses_a_non_empty_directory_unless_forced(tmp_path: Path) -> None:
+    model = random_model(SMALL)
+    export(model, tmp_path / "empty")  # an empty directory is no one's: fine without --force
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text('{"another": "model"}')
+    (out / "README.md").write_text("another model\n")
+    with pytest.raises(OutDirError, match=r"hf is not empty; .*--force"):
+        export(model, out)
+    assert (out / "config.json").read_text() == '{"another": "model"}'
+    export(model, out, force=True)
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "generation_config.json"}
+    for directory in (out, tmp_path / "empty"):
+        assert torch.equal(GPT.from_pretrained(str(directory)).transformer.wte.weight, model.transformer.wte.weight)
+    assert not temporaries(tmp_path)
+
+
+def test_force_replaces_only_a_model_directory(tmp_path: Path) -> None:
+    """--force on a training run's directory (no config.json) would delete its checkpoints: refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final_model.pt").write_bytes(b"weights")
+    with pytest.raises(OutDirError, match=r"run is not a model directory \(it has no config\.json\)"):
+        export(random_model(SMALL), run, force=True)
+    assert [p.name for p in run.iterdir()] == ["final_model.pt"]
+    with pytest.raises(OutDirError, match=r"final_model\.pt is a file"):
+        export(random_model(SMALL), run / "final_model.pt", force=True)
+
+
+def test_export_on_a_full_disk_changes_nothing(tmp_path: Path) -> None:
+    """A write that fails (here past a file size limit) is one OutDirError; no half-written directory is left under
+    the final name or a temporary one, and a directory that --force would replace is still the old one."""
+    out = tmp_path / "hf"
+    export(random_model(SMALL), out)
+    before = {p.name: digest(p) for p in out.iterdir()}
+    big = GPT(TINY)  # 6.5 MB of weights
+    with file_size_limit(1 << 20):
+        with pytest.raises(OutDirError, match=r"could not write .*hf: the file is larger than allowed") as failure:
+            export(big, out, force=True)
+        with pytest.raises(OutDirError, match=r"could not write .*new: the file is larger than allowed"):
+            export(big, tmp_path / "new")
+    assert "\n" not in str(failure.value)
+    assert {p.name: digest(p) for p in out.iterdir()} == before
+    assert not (tmp_path / "new").exists()
+    assert not temporaries(tmp_path)
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------
@@ -300,8 +400,6 @@ def test_invalid_config_json(tmp_path: Path) -> None:
 
 
 def test_truncated_safetensors(tmp_path: Path) -> None:
-    from gpt2scratch.convert import export
-
     export(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=100)), tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
@@ -310,8 +408,6 @@ def test_truncated_safetensors(tmp_path: Path) -> None:
 
 
 def test_weights_of_another_shape(tmp_path: Path) -> None:
-    from gpt2scratch.convert import export
-
     export(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=100)), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config(n_layer=2)))
     with pytest.raises(CheckpointError, match=r"missing \['transformer.h.1"):

@@ -4,6 +4,7 @@ cache, and the B x T loader with its state."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -63,8 +64,9 @@ def test_resolve_a_glob(tmp_path: Path) -> None:
         (lambda tmp: (tmp / "empty_dir").mkdir(), "empty_dir", "no .txt files"),
         (lambda tmp: (tmp / "only_md").mkdir() or (tmp / "only_md" / "a.md").write_text("x"), "only_md", "no .txt"),
         (lambda tmp: None, "*.nothing", "no file matches"),
+        (lambda tmp: os.mkfifo(tmp / "pipe"), "pipe", "is not a regular file"),  # issue 16, item 12: not "missing"
     ],
-    ids=["missing-file", "empty-dir", "dir-without-txt", "glob-without-match"],
+    ids=["missing-file", "empty-dir", "dir-without-txt", "glob-without-match", "fifo"],
 )
 def test_resolve_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make, spec: str, message: str) -> None:
     monkeypatch.chdir(tmp_path)
@@ -167,7 +169,7 @@ def test_cache_tokenizes_once_and_again_for_changed_input(tmp_path: Path, caplog
     source.write_text(SAMPLE_TEXT * 3, encoding="utf-8")
     caplog.set_level(logging.INFO, logger="gpt2scratch")
     cfg = TrainConfig(input=str(source), batch_size=4, seq_len=16)
-    cache = tmp_path / "out" / "cache"
+    cache = tmp_path / "out" / "token_cache"
 
     def prepare() -> tuple[data.Corpus, bool]:
         caplog.clear()
@@ -190,6 +192,73 @@ def test_cache_tokenizes_once_and_again_for_changed_input(tmp_path: Path, caplog
     [second] = [p for p in caches if p != first]
     assert second.name == f"tokens-{changed.sha256[:20]}.u16"
     assert len(tokens_of(second)) == len(changed.train) > len(tokens_of(first)) == len(corpus.train)
+
+
+# ---- issue 16: the hash is of the bytes tokenized; odd files; text without newlines ----
+
+
+def test_input_that_changed_after_hashing_is_not_cached(tmp_path: Path) -> None:
+    """Item 3: the cache is named by a hash; the tokens must be of exactly those bytes, or nothing is written."""
+    source = tmp_path / "in.txt"
+    source.write_text(SAMPLE_TEXT, encoding="utf-8")
+    sha = data.content_hash([source])
+    source.write_text(SAMPLE_TEXT.replace("Citizen", "Senator"), encoding="utf-8")  # rewritten meanwhile
+    out = tmp_path / "cache" / f"tokens-{sha[:20]}.u16"
+    with pytest.raises(DataError, match="changed while it was being read"):
+        data.tokenize_files([source], out, expected_sha256=sha)
+    assert not out.exists() and not list(out.parent.iterdir())
+    assert data.tokenize_files([source], out, expected_sha256=data.content_hash([source])) > 0
+
+
+def test_a_cache_file_without_a_matching_record_is_tokenized_anew(tmp_path: Path) -> None:
+    """Item 3: a token file under the right name whose record is missing or of another text is not trusted."""
+    source = tmp_path / "input.txt"
+    source.write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    cfg = TrainConfig(input=str(source), batch_size=4, seq_len=16)
+    cache = tmp_path / "token_cache"
+    sha = data.content_hash([source])
+    stale = cache / f"tokens-{sha[:20]}.u16"
+    cache.mkdir()
+    np.arange(500, dtype=np.uint16).tofile(stale)  # the tokens of some other text
+    expected = get_encoding().encode_ordinary(SAMPLE_TEXT * 3)
+    assert data.prepare_corpus(cfg, cache, World(), None).train.tolist() == expected
+    record = stale.with_suffix(".json")
+    assert f'"sha256": "{sha}"' in record.read_text()
+    record.write_text(record.read_text().replace(sha, "0" * 64))  # a record of another text
+    np.arange(500, dtype=np.uint16).tofile(stale)
+    assert data.prepare_corpus(cfg, cache, World(), None).train.tolist() == expected
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs /proc")
+def test_a_file_whose_size_reads_as_zero_is_not_called_empty(tmp_path: Path) -> None:
+    """Item 12: files in /proc report 0 bytes but hold text."""
+    assert data.tokenize_files([Path("/proc/cpuinfo")], tmp_path / "tokens.u16") > 0
+
+
+def test_text_without_newlines_is_cut_at_spaces_with_the_same_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 12: one enormous line was held whole in memory; now it is cut where a space starts a piece."""
+    monkeypatch.setattr(data, "CHUNK_CHARS", 64)
+    text = ("It is  a truth, universally acknowledged 42 times: naïve!  Ok?? " * 40).replace("\n", "")
+    source = tmp_path / "line.txt"
+    source.write_text(text, encoding="utf-8")
+    import hashlib
+
+    chunks = list(data._text_chunks(source, hashlib.sha256()))
+    assert len(chunks) > 10 and max(map(len, chunks)) <= 3 * 64
+    assert data.tokenize_files([source], tmp_path / "t.u16") == len(get_encoding().encode_ordinary(text))
+    assert tokens_of(tmp_path / "t.u16") == get_encoding().encode_ordinary(text)
+
+
+def test_progress_starts_at_zero_before_the_first_chunk(tmp_path: Path) -> None:
+    """Item 12: the bar's rate was measured from its first update, after the first chunk (TB/s)."""
+    source = tmp_path / "in.txt"
+    source.write_text(SAMPLE_TEXT, encoding="utf-8")
+    calls: list[tuple[int, int]] = []
+    data.tokenize_files([source], tmp_path / "t.u16", lambda done, total: calls.append((done, total)))
+    size = source.stat().st_size
+    assert calls[0] == (0, size) and calls[-1] == (size, size)
 
 
 # ---- TokenLoader ----

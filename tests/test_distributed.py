@@ -89,11 +89,11 @@ def test_only_rank_0_writes(runs: dict[str, Any]) -> None:
     assert [r["step"] for r in metrics(cwd / "two")] == [1, 2, 3, 4, 5]  # one line per step, not one per rank
     assert sorted(p.name for p in (cwd / "two" / "snapshots").iterdir()) == ["snapshot_step_5.pt"]
     assert sorted(p.name for p in (cwd / "two").iterdir() if not p.name.startswith(".")) == [
-        "cache",
         "metrics.jsonl",
         "snapshots",
+        "token_cache",
     ]
-    assert len(list((cwd / "two" / "cache").iterdir())) == 1
+    assert len(list((cwd / "two" / "token_cache").glob("tokens-*.u16"))) == 1
     assert result.stdout.count("step      3 |") == 1  # progress lines from rank 0 only
     assert result.stdout.count("stopped at --max-steps 5") == 1
     snapshot = torch.load(cwd / "two" / "snapshots" / "snapshot_step_5.pt", weights_only=True)

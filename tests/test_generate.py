@@ -14,8 +14,10 @@ import torch
 from conftest import ONE_THREAD, assert_one_line_error, run_cli
 
 from gpt2scratch import cli
+from gpt2scratch import generate as generation
 from gpt2scratch.config import GPTConfig, SamplingConfig
 from gpt2scratch.convert import export
+from gpt2scratch.errors import CheckpointError, UsageError
 from gpt2scratch.generate import generate_text, prompt_ids, stream_text
 from gpt2scratch.model import GPT
 from gpt2scratch.tokenizer import decode, encode
@@ -281,3 +283,53 @@ def test_argument_errors(run_main, args: list[str]) -> None:
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "(see --help)" in err
+
+
+# --- issue 16: models of another vocabulary, seeds, memory ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_vocabulary_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A transformers directory of a model with 1,000 tokens, not GPT-2's 50,257."""
+    out = tmp_path_factory.mktemp("vocab-1000") / "model"
+    export(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=BLOCK, vocab_size=1000)), out)
+    return out
+
+
+def test_library_refuses_a_model_of_another_vocabulary(other_vocabulary_dir: Path) -> None:
+    model = load_model(other_vocabulary_dir)
+    with pytest.raises(CheckpointError, match="1,000 tokens"):
+        generate_text(model, PROMPT, SamplingConfig())
+    with pytest.raises(CheckpointError, match="1,000 tokens"):
+        next(stream_text(model, PROMPT, SamplingConfig(num_samples=1)))
+
+
+def test_stream_seeds_wrap_at_the_end_of_the_range(run_main, hf_dir: Path, model: GPT) -> None:
+    """Streamed sample i is seeded with seed + i: past 2**64 - 1 that starts again at 0 instead of crashing."""
+    args = ["--device", "cpu", "--stream", "--num-samples", "2", "--max-new-tokens", "3", "--seed", str(2**64 - 1)]
+    code, out, err = run_main("generate", "--pretrained", str(hf_dir), *args)
+    assert code == 0, err
+    expected = [
+        "".join(stream_text(model, PROMPT, SamplingConfig(num_samples=1, max_new_tokens=3, seed=seed)))
+        for seed in (2**64 - 1, 0)
+    ]
+    assert samples(out) == expected
+
+
+def test_generation_that_does_not_fit_in_memory_is_refused(
+    model: GPT, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The estimate (KV cache, logits, tokens) is compared with MemAvailable before anything is allocated."""
+    meminfo = tmp_path / "meminfo"
+    monkeypatch.setattr(generation, "MEMINFO", meminfo)
+    meminfo.write_text("MemTotal:     2000000 kB\nMemAvailable: 1000000 kB\n")
+    # 2,000 rows of fp32 logits with sampling's copies are 1.6 GB (the KV cache of this tiny model is 12 MB)
+    message = r"--num-samples 2000 of 12 tokens needs about 1\.6\d GB .* the 1\.02 GB available"
+    with pytest.raises(UsageError, match=message):
+        generate_text(model, PROMPT, SamplingConfig(num_samples=2000, max_new_tokens=4))
+    meminfo.write_text("MemTotal:        2000 kB\nMemAvailable:     100 kB\n")  # less than one row of logits
+    sampling = SamplingConfig(num_samples=3, max_new_tokens=4)
+    with pytest.raises(UsageError, match="--num-samples 1 of 12 tokens"):
+        next(stream_text(model, PROMPT, sampling))
+    monkeypatch.setattr(generation, "MEMINFO", tmp_path / "absent")  # not Linux: no check
+    assert len(generate_text(model, PROMPT, sampling)) == 3

@@ -18,6 +18,7 @@ from gpt2scratch.outdir import (
     list_snapshots,
     prune,
     refuse_to_overwrite,
+    refuse_to_resume_over,
     snapshot_path,
 )
 
@@ -58,7 +59,64 @@ def test_a_fresh_run_is_refused_where_an_earlier_one_left_files(earlier: str, tm
     (tmp_path / earlier).write_bytes(b"x")
     with pytest.raises(OutDirError, match="already holds an earlier run") as failure:
         refuse_to_overwrite(tmp_path)
-    assert Path(earlier).name in str(failure.value) and "--resume auto" in str(failure.value)
+    message = str(failure.value)
+    assert Path(earlier).name in message
+    if earlier == FINAL_NAME:  # issue 16, item 5: a finished run has no snapshot that --resume auto could take
+        assert "--resume auto" not in message and f"--resume {tmp_path / FINAL_NAME}" in message
+    else:
+        assert "--resume auto" in message
+
+
+def test_resume_auto_in_a_finished_run_points_at_its_final_model(tmp_path: Path) -> None:
+    """Issue 16, item 5: the two refusals of a finished run no longer send the user back and forth."""
+    (tmp_path / FINAL_NAME).write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no snapshot") as failure:
+        latest_snapshot(tmp_path)
+    assert f"--resume {tmp_path / FINAL_NAME} and a lower --target-loss" in str(failure.value)
+    assert "start without --resume" not in str(failure.value)
+
+
+def make_run(folder: Path, steps: list[int], final: bool = False, metrics: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        snapshot_path(folder, step).parent.mkdir(parents=True, exist_ok=True)
+        snapshot_path(folder, step).write_bytes(b"x")
+    if final:
+        (folder / FINAL_NAME).write_bytes(b"x")
+    if metrics:
+        (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+
+
+def test_resuming_into_an_empty_out_dir_or_from_its_own_newest_snapshot_is_allowed(tmp_path: Path) -> None:
+    refuse_to_resume_over(tmp_path / "empty", tmp_path / "elsewhere" / "snapshot_step_5.pt", 5)
+    make_run(tmp_path, [10, 20])
+    refuse_to_resume_over(tmp_path, snapshot_path(tmp_path, 20), 20)
+
+
+@pytest.mark.parametrize(
+    ("victim", "message"),
+    [
+        ({"steps": [10, 20, 30]}, "holds another run"),
+        ({"steps": [], "final": True}, "holds another run"),
+        ({"steps": [], "metrics": True}, "holds another run"),
+    ],
+)
+def test_resuming_another_run_into_an_out_dir_in_use_is_refused(tmp_path: Path, victim: dict, message: str) -> None:
+    """Issue 16, item 1: resuming base's snapshot into victim would cut victim's metrics and prune its snapshots."""
+    make_run(tmp_path / "victim", **victim)
+    with pytest.raises(OutDirError, match=message) as failure:
+        refuse_to_resume_over(tmp_path / "victim", tmp_path / "base" / "snapshots" / "snapshot_step_5.pt", 5)
+    assert "--resume auto" in str(failure.value) and "\n" not in str(failure.value)
+
+
+@pytest.mark.parametrize(("steps", "final"), [([10, 20, 30], False), ([10], True)])
+def test_resuming_an_older_point_of_the_same_run_in_place_is_refused(
+    tmp_path: Path, steps: list[int], final: bool
+) -> None:
+    """Its newer snapshots would be pruned (they count as newer than every snapshot the resumed run writes)."""
+    make_run(tmp_path, steps, final=final)
+    with pytest.raises(OutDirError, match="holds a later point of this run"):
+        refuse_to_resume_over(tmp_path, snapshot_path(tmp_path, 10), 10)
 
 
 # ---- the out-dir lock ----

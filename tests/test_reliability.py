@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, TINY_TRAIN_FLAGS, digest, run_cli, temporaries
+from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, digest, run_cli, temporaries
 
 from gpt2scratch.checkpoint import FORMAT_VERSION, read_checkpoint
 from gpt2scratch.outdir import FINAL_NAME, list_snapshots, snapshot_path
@@ -161,7 +161,11 @@ def test_kill_9_at_random_moments_then_resume_auto(tmp_path: Path, text_file: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "run_resume"), [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["INT", "TERM"])
+@pytest.mark.parametrize(
+    ("sig", "run_resume"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGHUP, False)],  # HUP: the terminal was closed
+    ids=["INT", "TERM", "HUP"],
+)
 def test_signal_stops_with_a_snapshot_and_a_resume_command(
     sig: int, run_resume: bool, tmp_path: Path, text_file: Path
 ) -> None:
@@ -255,10 +259,11 @@ def test_non_finite_weights_are_never_saved(trained: Path, tmp_path: Path, text_
     out = tmp_path / "out"
     shutil.copytree(trained, out)
     previous = snapshot_path(out, 2)
+    _poison(
+        previous, previous, ("transformer.wpe.weight",), (60,)
+    )  # -T 16 never reads position 60: the loss stays finite
     before = digest(previous)
-    bad = tmp_path / "bad.pt"
-    _poison(previous, bad, ("transformer.wpe.weight",), (60,))  # -T 16 never reads position 60: the loss stays finite
-    result = run_cli("train", *train_flags(out, text_file, "--resume", str(bad), "--max-steps", "10",
+    result = run_cli("train", *train_flags(out, text_file, "--resume", "auto", "--max-steps", "10",
                                            "--target-loss", "0"), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
@@ -268,7 +273,6 @@ def test_non_finite_weights_are_never_saved(trained: Path, tmp_path: Path, text_
     assert [path for _, path in list_snapshots(out)] == [previous]
     assert digest(previous) == before
     assert not (out / FINAL_NAME).exists()
-    assert_files_load(out)
     assert not temporaries(out)
 
 
@@ -337,3 +341,26 @@ def test_second_run_on_a_locked_out_dir_is_refused(tmp_path: Path, text_file: Pa
                     cwd=tmp_path)  # fmt: skip
     assert third.returncode == 0, third.stderr
     assert_resumed_from(third.stdout, newest)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_signal_while_tokenizing_stops_cleanly_without_temporaries(sig: int, tmp_path: Path) -> None:
+    """Issue 16, item 9: a stop while the input is tokenized leaves one line, the signal's exit code and no
+    temporary file; a temporary left by a killed run is removed by the next run."""
+    big = tmp_path / "big.txt"
+    big.write_text(SAMPLE_TEXT * 60_000, encoding="utf-8")  # ~40 MB: several seconds of tokenizing
+    out = tmp_path / "out"
+    (out / "token_cache").mkdir(parents=True)
+    stale = out / "token_cache" / ".tokens-0123456789abcdef0123.u16.tmp-999999"  # from a run killed before
+    stale.write_bytes(b"x" * 100)
+    run = Run(*train_flags(out, big, "--max-steps", "1"), cwd=tmp_path)
+    run.wait_until(lambda: "tokenizing" in run.stdout, "tokenizing")
+    time.sleep(0.5)
+    run.send(sig)
+    assert run.finish(timeout=60) == 128 + sig
+    lines = [line for line in stderr_lines(run.stderr) if not line.startswith("tokenizing:")]  # the progress bar
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[0].startswith(f"error: stopped by {signal.Signals(sig).name} while preparing the run"), lines[0]
+    assert not temporaries(out), temporaries(out)
+    assert not list((out / "token_cache").glob("tokens-*")), "a partial token file was left under a final name"

@@ -31,10 +31,12 @@ from conftest import (
 
 import gpt2scratch
 from gpt2scratch import data
-from gpt2scratch.config import TrainConfig
+from gpt2scratch.config import GPTConfig, TrainConfig
 from gpt2scratch.device import cpu_has_bf16
-from gpt2scratch.errors import CheckpointError
-from gpt2scratch.train import train
+from gpt2scratch.distributed import World
+from gpt2scratch.errors import CheckpointError, OutDirError, UsageError
+from gpt2scratch.model import GPT
+from gpt2scratch.train import Snapshots, check_before_training, train
 
 TOKENS_PER_STEP = 4 * 16  # -B 4 -T 16 of TINY_TRAIN_FLAGS
 
@@ -93,12 +95,13 @@ TARGET = 1.0
 
 @pytest.fixture(scope="module")
 def to_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
-    """A run to loss 1.0, snapshots every 10 steps keeping 2, with the samples printed at the end."""
+    """``python train.py`` in a directory holding only input.txt, as the original README has it: a run to loss 1.0,
+    snapshots every 10 steps keeping 2, with the samples printed at the end. The out dir is that directory."""
     cwd = make_input(tmp_path_factory.mktemp("to_target"))
     flags = [f for f in TINY_TRAIN_FLAGS if f != "--no-sample"]
     extra = ["--target-loss", str(TARGET), "--snapshot-interval", "10", "--keep-snapshots", "2"]
     result = run_cli(*flags, *extra, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
-    return result, cwd / "out"
+    return result, cwd
 
 
 @pytest.mark.slow
@@ -108,12 +111,43 @@ def test_reaches_the_target_and_prints_samples(to_target: tuple[subprocess.Compl
     assert "Traceback" not in result.stderr
     final = load(out / "final_model.pt")
     assert final["loss"] <= TARGET
-    assert f"reached loss {final['loss']:.6f} <= 1 at step {final['step']}; final model: out/final_model.pt" in (
+    assert f"reached loss {final['loss']:.6f} <= 1 at step {final['step']}; final model: final_model.pt" in (
         result.stdout
     )
-    assert "samples from out/final_model.pt" in result.stdout
+    assert "samples from final_model.pt" in result.stdout
     for i in range(1, 6):
         assert f"--- sample {i} ---\nHello, I'm a language model," in result.stdout
+
+
+@pytest.mark.slow
+def test_files_sit_beside_input_txt_as_in_the_original(to_target: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, out = to_target
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == ["final_model.pt", "input.txt", "metrics.jsonl", "snapshots", "token_cache"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".gpt2scratch.lock"]
+
+
+def readme_resume_recipe() -> str:
+    """The Python block of the README that starts with the original's ``torch.load('snapshots/...')``."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    [recipe] = [block for block in blocks if "torch.load('snapshots/snapshot_step_N.pt')" in block]
+    return recipe
+
+
+@pytest.mark.slow
+def test_the_original_resume_recipe_works_as_written(to_target: tuple[subprocess.CompletedProcess, Path]) -> None:
+    """The original README's recipe, run as a script beside the run's files: model and optimizer state both load."""
+    _, out = to_target
+    step = snapshot_steps(out)[-1]
+    script = readme_resume_recipe().replace("snapshot_step_N.pt", f"snapshot_step_{step}.pt")
+    check = (
+        f"\nassert checkpoint['step'] == {step} and len(optimizer.state) == len(list(model.parameters()))"
+        "\nprint('resumed', checkpoint['step'])\n"
+    )
+    (out / "resume.py").write_text(script + check)
+    result = run_cli(script=str(out / "resume.py"), cwd=out, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"resumed {step}"
 
 
 @pytest.mark.slow
@@ -152,7 +186,7 @@ def test_final_model_metadata(to_target: tuple[subprocess.CompletedProcess, Path
     assert meta["tokens_seen"] == final["step"] * TOKENS_PER_STEP
     assert meta["target_loss"] == TARGET
     assert meta["input"] == "input.txt"
-    assert meta["input_sha256"] == data.content_hash([out.parent / "input.txt"])
+    assert meta["input_sha256"] == data.content_hash([out / "input.txt"])
     assert meta["device"] == "cpu" and meta["dtype"] == "float32"
     assert meta["gpt2scratch_version"] == gpt2scratch.__version__
     assert meta["torch_version"] == torch.__version__
@@ -181,7 +215,7 @@ RESUMABLE = ["--target-loss", "0", "--snapshot-interval", "10", "--keep-snapshot
 def run_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 steps that never reach the target, a snapshot every 10; returns the folder holding input.txt and out/."""
     cwd = make_input(tmp_path_factory.mktemp("run_a"))
-    result = train_py(*RESUMABLE, "--max-steps", "30", cwd=cwd)
+    result = train_py(*RESUMABLE, "--max-steps", "30", "--out-dir", "out", cwd=cwd)
     assert result.returncode == 0, result.stderr
     return cwd
 
@@ -233,8 +267,8 @@ def test_a_second_run_on_the_same_input_does_not_tokenize(
 ) -> None:
     result, out = resumed_auto
     assert "tokenizing" not in result.stdout
-    [original] = (run_a / "out" / "cache").iterdir()
-    [cached] = (out / "cache").iterdir()  # copied with its modification time
+    [original] = (run_a / "out" / "token_cache").glob("*.u16")
+    [cached] = (out / "token_cache").glob("*.u16")  # copied with its modification time
     assert cached.name == original.name and cached.stat().st_mtime_ns == original.stat().st_mtime_ns
 
 
@@ -308,3 +342,66 @@ def test_grad_accum_equals_a_larger_batch(tmp_path: Path, in_process: None) -> N
     big, accum = losses
     assert len(big) == len(accum) == 3
     assert accum == pytest.approx(big, abs=1e-5)
+
+
+# ---- issue 16: a run knows what it is, and says what is wrong before its first step ----
+
+
+def test_allowed_changes_resume_and_are_recorded(trained_snapshot: Path, tmp_path: Path, in_process: None) -> None:
+    """Item 2: a new learning rate and batch size on purpose: trained on, the change kept in metrics and metadata."""
+    make_input(tmp_path)
+    flags = ["--resume", str(trained_snapshot), "-B", "2", "--lr", "1e-3", "--max-steps", "4", "--target-loss", "0"]
+    train(config_here(tmp_path, *flags, "--allow-changed", "batch_size,lr", "--snapshot-interval", "0"))
+    records = metrics(tmp_path / "out")
+    assert [r["step"] for r in records] == [3, 4]
+    assert records[0]["changed_on_resume"] == {"batch_size": [4, 2], "lr": [0.003, 0.001]}
+    assert "changed_on_resume" not in records[1]
+    last = load(tmp_path / "out" / "snapshots" / "snapshot_step_4.pt")
+    assert last["metadata"]["changed_on_resume"] == [
+        {"step": 2, "changed": {"batch_size": [4, 2], "lr": [0.003, 0.001]}}
+    ]
+
+
+def test_another_input_allowed_starts_at_its_beginning(
+    trained_snapshot: Path, tmp_path: Path, in_process: None
+) -> None:
+    """Item 2: resuming onto a 3 KB text was an internal error (the saved position lay beyond its end)."""
+    (tmp_path / "input.txt").write_text(SAMPLE_TEXT.upper()[:3000], encoding="utf-8")
+    flags = ["--resume", str(trained_snapshot), "--max-steps", "3", "--target-loss", "0", "--snapshot-interval", "0"]
+    result = train(config_here(tmp_path, *flags, "--allow-changed", "input"))
+    assert result.step == 3
+    assert list(metrics(tmp_path / "out")[0]["changed_on_resume"]) == ["input"]
+
+
+def test_a_sample_prompt_longer_than_the_block_is_refused_before_training(tmp_path: Path, in_process: None) -> None:
+    """Item 10: it was found only after training, with the model saved."""
+    make_input(tmp_path)
+    cfg = dataclasses.replace(config_here(tmp_path, "--max-steps", "2"), no_sample=False, sample_prompt="word " * 80)
+    with pytest.raises(UsageError, match=r"the prompt is \d+ tokens, longer than the model's block size \(64\)"):
+        train(cfg)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "snapshots").exists()
+
+
+def test_too_little_disk_for_one_checkpoint_is_found_before_training(tmp_path: Path) -> None:
+    """Item 12: found only at the first snapshot; here a model whose checkpoint would exceed this disk's free space
+    (on the meta device: shapes only, no memory)."""
+    free = shutil.disk_usage(tmp_path).free
+    width = 1024 * max(1, int((free / (3 * 4 * 12 * 4)) ** 0.5) // 1024 + 1)  # 12 C^2 weights a layer, 3 copies
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=4, n_head=8, n_embd=width, block_size=64))
+    cfg = TrainConfig(out_dir=str(tmp_path), no_sample=True)
+    with pytest.raises(OutDirError, match=r"not enough disk space .*; free some space or use another --out-dir$"):
+        check_before_training(cfg, model)
+
+
+@pytest.mark.parametrize(("keep", "hint"), [(1, False), (3, True), (0, True)])
+def test_the_disk_space_hint_suggests_fewer_snapshots_only_where_that_helps(
+    tmp_path: Path, keep: int, hint: bool
+) -> None:
+    """Item 12: with --keep-snapshots 1 the message still said to lower it."""
+    snapshots = Snapshots(tmp_path, keep, World())
+    huge = {"format_version": 1, "model_state_dict": {"w": torch.empty(10**15, device="meta")}, "config": {}}
+    with pytest.raises(OutDirError, match="not enough disk space") as failure:
+        snapshots.writer.submit(huge, tmp_path / "snapshots" / "snapshot_step_1.pt")
+    assert ("lower --keep-snapshots" in str(failure.value)) == hint
+    snapshots.close()

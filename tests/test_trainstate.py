@@ -4,6 +4,7 @@ run back where that left it. Checkpoint format 1 is a contract: files written by
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,40 @@ def test_a_checkpoint_of_another_shape_names_the_tensor() -> None:
     saved["model_state_dict"]["transformer.wpe.weight"] = torch.zeros(3, 3)
     with pytest.raises(CheckpointError, match=r"transformer\.wpe\.weight has shape \(3, 3\)"):
         new_state(seed=1).load_state_dict(saved)
+
+
+# Issue 16, item 6: each malformed field of a snapshot is a one-line CheckpointError naming it, never our bug.
+MALFORMED = {
+    "step-text": ({"step": "12"}, "step is '12'"),
+    "step-none": ({"step": None}, "step is None"),
+    "step-negative": ({"step": -5}, "step is -5"),
+    "step-bool": ({"step": True}, "step is True"),
+    "loss-text": ({"loss": "low"}, "loss is 'low'"),
+    "loss-inf": ({"loss": float("inf")}, "loss is inf"),
+    "loader-none": ({"loader": None}, "loader position is None"),
+    "loader-huge": ({"loader": {"position": 10**15}}, "loader position is 1000000000000000"),
+    "loader-negative": ({"loader": {"position": -64}}, "loader position is -64"),
+    "optimizer-empty": ({"optimizer_state_dict": {}}, "optimizer_state_dict holds no optimizer state"),
+    "optimizer-other-model": (
+        {"optimizer_state_dict": {"state": {}, "param_groups": [{"params": [0], "lr": 1.0}]}},
+        "optimizer_state_dict does not fit",
+    ),
+    "rng-none": ({"rng": None, "rng_per_rank": None}, "rng is not a random generator state"),
+    "rng-wrong-size": (
+        {"rng": {"cpu": torch.zeros(3, dtype=torch.uint8)}, "rng_per_rank": None},
+        "rng is not a random generator state",
+    ),
+    "weights-missing": ({"model_state_dict": {}}, "does not match a GPT-2 of this config: missing"),
+    "weights-not-tensors": ({"model_state_dict": None}, "weights are not a dict of tensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_fields_are_one_line_checkpoint_errors(case: str) -> None:
+    saved = new_state(seed=0)
+    take_steps(saved, 1)
+    changes, message = MALFORMED[case]
+    state = {**saved.state_dict(), **changes}
+    with pytest.raises(CheckpointError, match=re.escape(message)) as failure:
+        new_state(seed=1).load_state_dict(state, "snapshot.pt")
+    assert "\n" not in str(failure.value) and str(failure.value).startswith("snapshot.pt")

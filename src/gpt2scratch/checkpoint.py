@@ -39,20 +39,25 @@ def state_nbytes(state: Any) -> int:
     return 0
 
 
-def check_free_space(folder: Path, needed: int) -> None:
+FREE_SPACE_HINT = "free some space or use another --out-dir"
+
+
+def check_free_space(folder: Path, needed: int, hint: str = FREE_SPACE_HINT) -> None:
     """OutDirError, with both figures, if ``folder``'s disk has less than ``needed`` bytes (plus 5%) free."""
     free = shutil.disk_usage(folder).free
     if free < needed * 1.05:
         raise OutDirError(
             f"not enough disk space in {folder}: a checkpoint needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free; "
-            "free some space, lower --keep-snapshots or use another --out-dir"
+            f"{hint}"
         )
 
 
-def replace_atomically(path: Path, nbytes: int, write: Callable[[Path], None]) -> None:
+def replace_atomically(
+    path: Path, nbytes: int, write: Callable[[Path], None], space_hint: str = FREE_SPACE_HINT
+) -> None:
     """Have ``write`` fill a temporary file beside ``path`` (and fsync it), then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(path.parent, nbytes)
+    check_free_space(path.parent, nbytes, space_hint)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -62,7 +67,12 @@ def replace_atomically(path: Path, nbytes: int, write: Callable[[Path], None]) -
         raise OutDirError(
             f"could not write {path}: {write_failure_reason(err)}; the previous files are intact"
         ) from err
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable: without this a crash can lose a rename that already returned."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -132,8 +142,9 @@ class SnapshotWriter:
     the next ``submit`` or ``wait``. ``after_write`` runs on the writer's thread once a file is in place (retention).
     """
 
-    def __init__(self, after_write: Callable[[], None] | None = None):
+    def __init__(self, after_write: Callable[[], None] | None = None, space_hint: str = FREE_SPACE_HINT):
         self._after_write = after_write
+        self._space_hint = space_hint  # what to do when the disk is too full, for the message
         self._thread: threading.Thread | None = None
         self._buffer = AlignedBuffer()
         self._error: BaseException | None = None
@@ -147,7 +158,7 @@ class SnapshotWriter:
         self.wait()
         path.parent.mkdir(parents=True, exist_ok=True)
         nbytes = state_nbytes(state)
-        check_free_space(path.parent, nbytes)  # fail now, not ten steps later
+        check_free_space(path.parent, nbytes, self._space_hint)  # fail now, not ten steps later
         try:
             self._buffer.reset(nbytes + nbytes // 64 + (1 << 20))  # + the pickle and the zip records
             with _crc32(checksums):
@@ -164,7 +175,7 @@ class SnapshotWriter:
 
     def _write(self, path: Path, nbytes: int) -> None:
         try:
-            replace_atomically(path, nbytes, self._buffer.write_to)
+            replace_atomically(path, nbytes, self._buffer.write_to, self._space_hint)
             if self._after_write is not None:
                 self._after_write()
         except BaseException as err:  # handed to the training thread by wait()
@@ -237,6 +248,8 @@ def _starts_like_a_pickle(path: Path) -> bool:
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` into ``model``; CheckpointError naming the first missing, unexpected or mismatched tensor."""
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{source} is damaged: its weights are not a dict of tensors")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

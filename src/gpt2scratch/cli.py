@@ -23,7 +23,7 @@ from .config import ExportConfig, GenerateConfig, SamplingConfig, TrainConfig
 from .errors import GPT2ScratchError, Interrupted, UsageError
 
 if typing.TYPE_CHECKING:
-    from .distributed import World
+    from .distributed import World as World
 
 log = logging.getLogger("gpt2scratch")
 T = TypeVar("T")
@@ -105,16 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 failure, 2 usage error, 130 interrupted)."""
     raw = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(raw)
-    from .distributed import from_env
+    from .distributed import World, from_env
 
-    world = from_env()
-    logging.basicConfig(
-        level=logging.INFO if world.is_main else logging.WARNING,
-        format="%(message)s",
-        stream=sys.stdout,
-        force=True,
-    )
     try:
+        world = from_env() if args.command == "train" else World()  # only training runs as several processes
+        logging.basicConfig(
+            level=logging.INFO if world.is_main else logging.WARNING,
+            format="%(message)s",
+            stream=sys.stdout,
+            force=True,
+        )
         if args.command == "train":
             return run_train(from_args(TrainConfig, args), world)
         if args.command == "generate":
@@ -167,7 +167,11 @@ def run_train(cfg: TrainConfig, world: World) -> int:
     from .train import train
     from .weights import load_model
 
-    result = train(cfg, world, progress=_progress_bar() if world.is_main else None)
+    bar = TokenizingBar()
+    try:
+        result = train(cfg, world, progress=bar if world.is_main else None)
+    finally:
+        bar.close()
     if cfg.no_sample or not world.is_main:
         return 0
     model = for_inference(load_model(result.model_path), result.device, result.dtype)  # loaded back, as a user would
@@ -178,34 +182,44 @@ def run_train(cfg: TrainConfig, world: World) -> int:
     return 0
 
 
-def _progress_bar() -> Any:
-    """A tqdm bar for tokenizing, shown only for inputs large enough to take a while."""
-    from tqdm import tqdm
+class TokenizingBar:
+    """A tqdm bar for tokenizing, shown only for inputs large enough to take a while; ``close`` ends its line, so
+    that a message printed after it (an error, say) starts on a line of its own."""
 
-    bar: list[Any] = []
+    def __init__(self) -> None:
+        self._bar: Any = None
 
-    def update(done: int, total: int) -> None:
-        if not bar:
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
             if total < 20_000_000:
                 return
-            bar.append(tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr))
-        bar[0].n = done
-        bar[0].refresh()
-        if done >= total:
-            bar[0].close()
+            from tqdm import tqdm
 
-    return update
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr)
+        self._bar.n = done
+        self._bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def run_generate(cfg: GenerateConfig) -> int:
+    from .config import SEEDS
     from .device import configure_matmul, pick_device, pick_dtype
     from .generate import for_inference, generate_text, stream_text
+    from .tokenizer import check_vocabulary
     from .weights import load_model
 
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     configure_matmul(device)
-    model = for_inference(load_model(cfg.source), device, dtype)
+    model = load_model(cfg.source)
+    check_vocabulary(model.config.vocab_size, cfg.source)  # generate_text checks too; here the message names it
+    model = for_inference(model, device, dtype)
     sampling = cfg.sampling
     if not cfg.stream:
         for i, text in enumerate(generate_text(model, cfg.prompt, sampling), 1):
@@ -213,7 +227,7 @@ def run_generate(cfg: GenerateConfig) -> int:
         return 0
     for i in range(sampling.num_samples):
         print(f"--- sample {i + 1} ---")
-        one = dataclasses.replace(sampling, num_samples=1, seed=sampling.seed + i)
+        one = dataclasses.replace(sampling, num_samples=1, seed=(sampling.seed + i) % SEEDS)
         for piece in stream_text(model, cfg.prompt, one):
             print(piece, end="", flush=True)
         print()
@@ -229,6 +243,6 @@ def run_export(cfg: ExportConfig) -> int:
         raise UsageError(f"{path} is a directory; export takes a checkpoint file written by train")
     model = model_from_checkpoint(read_checkpoint(path), str(path))
     out = Path(cfg.out_dir)
-    export(model, out)
+    export(model, out, force=cfg.force)
     print(f"wrote {out} (load it with transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
     return 0

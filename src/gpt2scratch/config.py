@@ -9,6 +9,7 @@ field's ``metadata`` holds the text ``--help`` shows and, where the name does no
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,9 @@ def preset(name: str) -> GPTConfig:
     return PRESETS[name]
 
 
+MAX_SEED = 2**63 - 1 - 4096  # torch seeds are 64-bit; training adds the rank to the seed
+
+
 def _opt(help: str, *flags: str, **extra: Any) -> dict[str, Any]:
     """Field metadata for the CLI: the help text and, when not derived from the name, the flags. ``extra`` may hold
     ``choices``, ``group`` (one of the fields of a group is required, and only one) or ``positional``."""
@@ -89,7 +93,10 @@ class TrainConfig:
         default=None, metadata=_opt("train on a built-in corpus instead of --input: shakespeare", choices=None)
     )
     max_tokens: int | None = field(default=None, metadata=_opt("use only the first N tokens of the corpus"))
-    out_dir: str = field(default="out", metadata=_opt("where snapshots, the final model and logs go"))
+    out_dir: str = field(
+        default=".",
+        metadata=_opt("where snapshots/, final_model.pt, metrics.jsonl and token_cache/ go (default: this directory)"),
+    )
     preset: str = field(default="gpt2", metadata=_opt("model shape: " + ", ".join(PRESETS)))
     n_layer: int | None = field(default=None, metadata=_opt("override the preset's number of layers"))
     n_head: int | None = field(default=None, metadata=_opt("override the preset's number of heads"))
@@ -113,6 +120,10 @@ class TrainConfig:
     snapshot_interval: int = field(default=10, metadata=_opt("steps between snapshots (0: none)"))
     keep_snapshots: int = field(default=3, metadata=_opt("keep the newest K snapshots (0: keep all)"))
     resume: str | None = field(default=None, metadata=_opt("continue from a snapshot or final model, or 'auto'"))
+    allow_changed: str | None = field(
+        default=None,
+        metadata=_opt("resume although these differ from the checkpoint, comma-separated (e.g. lr,batch_size,input)"),
+    )
     init_from: str | None = field(
         default=None, metadata=_opt("start from weights: gpt2[-medium|-large|-xl], a dir or a checkpoint")
     )
@@ -154,6 +165,10 @@ class TrainConfig:
                 raise UsageError(f"{flag(name)} must be zero or positive, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+        if not self.out_dir:
+            raise UsageError("--out-dir must not be empty; give . for the current directory")
         if self.input is not None and self.data is not None:
             raise UsageError("give either --input or --data, not both")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -176,6 +191,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+SEEDS = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and negatives, which alias those)
 
 
 @dataclass(frozen=True)
@@ -203,8 +221,10 @@ class SamplingConfig:
             raise UsageError(f"--top-k must be a positive integer, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be zero (greedy) or positive, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UsageError(f"--temperature must be zero (greedy) or a finite positive number, got {self.temperature}")
+        if not 0 <= self.seed < SEEDS:
+            raise UsageError(f"--seed must be in [0, 2**64 - 1] (torch's generator seeds), got {self.seed}")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise UsageError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
 
@@ -243,6 +263,9 @@ class ExportConfig:
     checkpoint: str = field(metadata=_opt("a checkpoint written by train", positional=True))
     out_dir: str = field(
         metadata=_opt("directory to write (config.json, model.safetensors, tokenizer files)", positional=True)
+    )
+    force: bool = field(
+        default=False, metadata=_opt("replace OUT_DIR if it is a model directory already (its files are deleted)")
     )
 
 

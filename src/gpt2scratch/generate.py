@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -10,11 +11,15 @@ from .config import SamplingConfig
 from .errors import UsageError
 from .model import GPT
 from .packing import pack_linears
-from .tokenizer import EOT_TOKEN, decode, encode
+from .tokenizer import EOT_TOKEN, check_vocabulary, decode, encode
+
+MEMINFO = Path("/proc/meminfo")
 
 
 def prompt_ids(model: GPT, prompt: str, sampling: SamplingConfig) -> tuple[list[int], int]:
-    """The prompt's token ids and how many tokens to add; UsageError if the prompt does not fit."""
+    """The prompt's token ids and how many tokens to add; CheckpointError for a model whose vocabulary is not our
+    tokenizer's, UsageError if the prompt does not fit."""
+    check_vocabulary(model.config.vocab_size, "the model")
     ids = encode(prompt) if prompt else [EOT_TOKEN]
     block = model.config.block_size
     if len(ids) > block:
@@ -26,6 +31,45 @@ def prompt_ids(model: GPT, prompt: str, sampling: SamplingConfig) -> tuple[list[
             "raise it or use --max-new-tokens"
         )
     return ids, new
+
+
+def memory_needed(model: GPT, batch: int, prompt_len: int, new: int) -> int:
+    """Bytes that generating ``new`` tokens after a ``prompt_len``-token prompt for ``batch`` rows allocates beside
+    the weights: the KV cache, one step's logits and the token tensors."""
+    config = model.config
+    positions = min(config.block_size, prompt_len + new)
+    kv_cache = 2 * config.n_layer * batch * positions * config.n_embd * model.lm_head.weight.element_size()
+    logits = batch * config.vocab_size * 4 * 4  # fp32, plus the copies sampling makes (scaled, softmax, cumsum)
+    tokens = 3 * batch * (prompt_len + new) * 8  # int64: the prompts, the growing context and the output
+    return kv_cache + logits + tokens
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: a CUDA GPU's free memory, MemAvailable of /proc/meminfo for the
+    CPU; None where we cannot tell (no /proc/meminfo, other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        lines = MEMINFO.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024  # the file counts in kB
+    return None
+
+
+def check_memory(model: GPT, batch: int, prompt_len: int, new: int) -> None:
+    """UsageError, with both figures, if generation would need more memory than the model's device has free."""
+    needed = memory_needed(model, batch, prompt_len, new)
+    available = available_memory(model.lm_head.weight.device)
+    if available is not None and needed > available:
+        raise UsageError(
+            f"--num-samples {batch} of {prompt_len + new} tokens needs about {needed / 1e9:.2f} GB of memory, more "
+            f"than the {available / 1e9:.2f} GB available; lower --num-samples or --max-length/--max-new-tokens"
+        )
 
 
 def for_inference(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
@@ -45,6 +89,7 @@ def generate_text(model: GPT, prompt: str, sampling: SamplingConfig) -> list[str
     """``num_samples`` continuations of ``prompt``, each with the prompt in front, generated as one batch
     on the model's device and in its dtype (see ``for_inference``)."""
     ids, new = prompt_ids(model, prompt, sampling)
+    check_memory(model, sampling.num_samples, len(ids), new)  # before the first allocation of num_samples rows
     device = model.lm_head.weight.device
     idx = torch.tensor([ids] * sampling.num_samples, dtype=torch.long, device=device)  # (B, T)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -56,6 +101,7 @@ def generate_text(model: GPT, prompt: str, sampling: SamplingConfig) -> list[str
 def stream_text(model: GPT, prompt: str, sampling: SamplingConfig) -> Iterator[str]:
     """One sample (of batch 1), as pieces of text the moment they are decodable; the prompt comes first."""
     ids, new = prompt_ids(model, prompt, sampling)
+    check_memory(model, 1, len(ids), new)
     device = model.lm_head.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)

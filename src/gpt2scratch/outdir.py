@@ -1,8 +1,9 @@
 """A run's out dir: where its files go, which snapshots it holds, retention, the lock, and the checks made before a
 run writes into it.
 
-Layout: ``snapshots/snapshot_step_N.pt``, ``final_model.pt`` and ``metrics.jsonl`` in the out dir itself, the token
-cache in ``cache/``, and a hidden ``.lock`` held by the run in progress.
+Layout, as the original script had it (by default the out dir is the directory the command runs in):
+``snapshots/snapshot_step_N.pt``, ``final_model.pt`` and ``metrics.jsonl`` in the out dir itself, the token cache in
+``token_cache/``, and a hidden ``.gpt2scratch.lock`` held by the run in progress. Nothing else is written there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 SNAPSHOT_DIR = "snapshots"
 FINAL_NAME = "final_model.pt"
 METRICS_NAME = "metrics.jsonl"
-CACHE_DIR = "cache"
+CACHE_DIR = "token_cache"
+LOCK_NAME = ".gpt2scratch.lock"
 _SNAPSHOT_RE = re.compile(r"snapshot_step_(\d+)\.pt")
 
 
@@ -46,6 +48,12 @@ def latest_snapshot(out_dir: Path) -> tuple[Path, dict[str, Any]]:
             return path, read_checkpoint(path)
         except CheckpointError as err:
             log.warning("skipping %s: %s", path, err)
+    final = out_dir / FINAL_NAME
+    if final.exists():
+        raise CheckpointError(
+            f"--resume auto: no snapshot in {out_dir / SNAPSHOT_DIR}, only the finished run's {final}; continue "
+            f"it with --resume {final} and a lower --target-loss, or start afresh with another --out-dir"
+        )
     raise CheckpointError(f"--resume auto: no snapshot in {out_dir / SNAPSHOT_DIR}; start without --resume")
 
 
@@ -58,10 +66,13 @@ def prune(out_dir: Path, keep: int) -> None:
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete temporary files left by a run that was killed mid-write."""
-    for folder in (out_dir, out_dir / SNAPSHOT_DIR):
+    """Delete the temporary files of ours that a run killed mid-write left (only ours: the out dir may be the
+    user's working directory)."""
+    patterns = [(out_dir, f".{FINAL_NAME}.tmp-*"), (out_dir / SNAPSHOT_DIR, ".snapshot_step_*.pt.tmp-*")]
+    patterns.append((out_dir / CACHE_DIR, ".*.tmp-*"))
+    for folder, pattern in patterns:
         if folder.is_dir():
-            for path in folder.glob(".*.tmp-*"):
+            for path in folder.glob(pattern):
                 path.unlink(missing_ok=True)
 
 
@@ -76,14 +87,50 @@ def check_writable(out_dir: Path) -> None:
         raise OutDirError(f"cannot write to --out-dir {out_dir}: {err.strerror or err}") from None
 
 
+def _place(out_dir: Path) -> str:
+    return "this directory" if out_dir.resolve() == Path.cwd() else str(out_dir)
+
+
 def refuse_to_overwrite(out_dir: Path) -> None:
     """OutDirError if a fresh run would write over (and prune away) the results of an earlier run."""
-    earlier = [p.name for p in (out_dir / FINAL_NAME,) if p.exists()]
-    earlier += [p.name for _, p in list_snapshots(out_dir)]
-    if earlier:
+    snapshots = [p.name for _, p in list_snapshots(out_dir)]
+    final = out_dir / FINAL_NAME
+    if not snapshots and not final.exists():
+        return
+    found = ", ".join(([FINAL_NAME] if final.exists() else []) + snapshots[-1:])
+    if snapshots:
+        how = "continue it with --resume auto, or start afresh with another --out-dir"
+    else:
+        how = f"start afresh with another --out-dir, or continue it with --resume {final} and a lower --target-loss"
+    raise OutDirError(
+        f"{_place(out_dir)} already holds an earlier run ({found}); {how} (or move its {SNAPSHOT_DIR}/ and "
+        f"{FINAL_NAME} away)"
+    )
+
+
+def refuse_to_resume_over(out_dir: Path, source: Path, step: int) -> None:
+    """OutDirError if continuing ``source`` (at ``step``) in ``out_dir`` would truncate or prune files that are not
+    its own past: another run's, or later ones of its own run (their snapshots count as newer and would be pruned).
+    """
+    snapshots = list_snapshots(out_dir)
+    final, metrics = out_dir / FINAL_NAME, out_dir / METRICS_NAME
+    found = ([FINAL_NAME] if final.exists() else []) + [p.name for _, p in snapshots[-1:]]
+    found += [METRICS_NAME] if metrics.exists() and metrics.stat().st_size else []
+    if not found:
+        return
+    source = source.resolve()
+    own = source.parent == (out_dir / SNAPSHOT_DIR).resolve() or source == final.resolve()
+    if not own:
         raise OutDirError(
-            f"{out_dir} already holds an earlier run ({', '.join(earlier[-2:])}); continue it with --resume auto, "
-            "or start afresh with another --out-dir (or delete that one)"
+            f"{_place(out_dir)} holds another run ({', '.join(found)}) that resuming {source.name} there would "
+            "overwrite; resume into an empty --out-dir, or continue that run with --resume auto"
+        )
+    later = [s for s, _ in snapshots if s > step]
+    if later or (final.exists() and source != final.resolve()):
+        newer = f"snapshot_step_{later[-1]}.pt" if later else FINAL_NAME
+        raise OutDirError(
+            f"{_place(out_dir)} holds a later point of this run ({newer}) that resuming step {step} there would "
+            "prune or replace; resume into another --out-dir, or continue from the newest with --resume auto"
         )
 
 
@@ -91,7 +138,7 @@ class OutDirLock:
     """An exclusive lock on an out dir, so two runs never write into one. The OS drops it when the process dies."""
 
     def __init__(self, out_dir: Path):
-        self.path = out_dir / ".lock"
+        self.path = out_dir / LOCK_NAME
         self._fd: int | None = None
 
     def acquire(self) -> None:

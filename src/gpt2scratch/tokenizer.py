@@ -15,6 +15,9 @@ from pathlib import Path
 
 import tiktoken
 
+from .errors import CheckpointError
+
+N_VOCAB = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 EOT_TOKEN = 50256  # <|endoftext|>
 EOT_TEXT = "<|endoftext|>"
 
@@ -57,11 +60,21 @@ def get_encoding() -> tiktoken.Encoding:
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(vocab), encoder_json_file=str(encoder))
     return tiktoken.Encoding(
         name="gpt2",
-        explicit_n_vocab=50257,
+        explicit_n_vocab=N_VOCAB,
         pat_str=GPT2_PATTERN,
         mergeable_ranks=ranks,
         special_tokens={EOT_TEXT: EOT_TOKEN},
     )
+
+
+def check_vocabulary(vocab_size: int, source: str) -> None:
+    """CheckpointError unless a model of ``vocab_size`` tokens (loaded from ``source``) speaks this tokenizer's ids:
+    any other vocabulary would turn its token ids into the wrong text, or into ids we cannot decode at all."""
+    if vocab_size != N_VOCAB:
+        raise CheckpointError(
+            f"{source} has a vocabulary of {vocab_size:,} tokens, but gpt2-scratch's tokenizer is GPT-2's "
+            f"{N_VOCAB:,}-token BPE; it can only run models with that vocabulary"
+        )
 
 
 def encode(text: str, allow_special: bool = True) -> list[int]:

@@ -20,17 +20,19 @@ import numpy as np
 import torch
 
 from . import distributed, outdir
-from .checkpoint import SnapshotWriter, all_finite, read_checkpoint
-from .config import GPTConfig, TrainConfig
+from .checkpoint import SnapshotWriter, all_finite, check_free_space, read_checkpoint
+from .config import GPTConfig, SamplingConfig, TrainConfig
 from .data import Progress, TokenLoader, prepare_corpus
 from .device import autocast, configure_matmul, keep_freed_memory, pick_device, pick_dtype
 from .distributed import World
-from .errors import CheckpointError, Interrupted, TrainingDiverged
+from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, UsageError
+from .generate import prompt_ids
 from .metrics import MetricsLog, progress_line
 from .model import GPT
 from .optim import lr_at, make_optimizer
 from .signals import StopSignals
-from .trainstate import TrainState
+from .tokenizer import check_vocabulary
+from .trainstate import TrainState, allowed_changes, check_identity
 from .weights import load_model
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,12 @@ def train(cfg: TrainConfig, world: World | None = None, progress: Progress | Non
         outdir.check_writable(out_dir)
         lock.acquire()
         outdir.remove_stale_temporaries(out_dir)
+    stop = StopSignals()
     try:
-        return train_loop(set_up(cfg, world, device, dtype, progress))
+        with stop.installed():
+            state = set_up(cfg, world, device, dtype, progress)  # a signal here stops at once (signals.py)
+            stop.training = True
+            return train_loop(state, stop)
     finally:
         lock.release()
         distributed.shutdown(world)
@@ -74,19 +80,18 @@ def train(cfg: TrainConfig, world: World | None = None, progress: Progress | Non
 def set_up(
     cfg: TrainConfig, world: World, device: torch.device, dtype: torch.dtype, progress: Progress | None
 ) -> TrainState:
-    """The state of step 0, or of the checkpoint to resume (read once)."""
+    """The state of step 0, or of the checkpoint to resume (read once), after every check that can be made before
+    the first step: the out dir, the run's identity, the sample prompt, the disk space."""
     out_dir = Path(cfg.out_dir)
-    resume_path, resume = None, None
-    if cfg.resume is None and world.is_main:
-        outdir.refuse_to_overwrite(out_dir)
-    elif cfg.resume == "auto":
-        resume_path, resume = outdir.latest_snapshot(out_dir)
-    elif cfg.resume is not None:
-        resume_path = Path(cfg.resume)
-        resume = read_checkpoint(resume_path)
+    allowed = allowed_changes(cfg)
+    resume_path, resume = find_resume(cfg, world)
+    if resume is not None:
+        check_identity(cfg, resume, resume_path, world, None, allowed)  # the flags now, the input once hashed
     corpus = prepare_corpus(cfg, out_dir / outdir.CACHE_DIR, world, progress)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = initial_model(cfg, resume).to(device)
+    if world.is_main:
+        check_before_training(cfg, model)
     state = TrainState(
         cfg=cfg,
         model=model,
@@ -100,9 +105,44 @@ def set_up(
     )
     torch.manual_seed(cfg.seed + world.rank)  # dropout differs between ranks
     if resume is not None:
+        changes = check_identity(cfg, resume, resume_path, world, corpus.sha256, allowed)
+        if "input" in changes:
+            resume = {**resume, "loader": {"position": 0}}  # another text: start at its beginning
         state.load_state_dict(resume, f"the checkpoint {resume_path}")
+        if changes:
+            state.changes.append({"step": state.step, "changed": changes})
+            log.info("resuming with changed %s (allowed by --allow-changed)", ", ".join(changes))
         log.info("resuming from %s (step %d)", resume_path, state.step)
     return state
+
+
+def find_resume(cfg: TrainConfig, world: World) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to continue and its path (None, None for a fresh run), after the out-dir checks: a fresh run
+    never writes over an earlier run, and a resumed one never over another run or over its own later files."""
+    out_dir = Path(cfg.out_dir)
+    if cfg.resume is None:
+        if world.is_main:
+            outdir.refuse_to_overwrite(out_dir)
+        return None, None
+    if cfg.resume == "auto":
+        path, checkpoint = outdir.latest_snapshot(out_dir)
+    else:
+        path = Path(cfg.resume)
+        checkpoint = read_checkpoint(path)
+    step = checkpoint.get("step")
+    if type(step) is int and world.is_main:
+        outdir.refuse_to_resume_over(out_dir, path, step)
+    if type(step) is int and cfg.max_steps is not None and cfg.max_steps <= step:
+        raise UsageError(f"--max-steps {cfg.max_steps} is not beyond the checkpoint's step {step}; raise it to go on")
+    return path, checkpoint
+
+
+def check_before_training(cfg: TrainConfig, model: GPT) -> None:
+    """What would otherwise fail only after training: the sample prompt, and the disk space of one checkpoint."""
+    if not cfg.no_sample:
+        prompt_ids(model, cfg.sample_prompt, SamplingConfig())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_free_space(Path(cfg.out_dir), 3 * weights)  # weights and AdamW's two moments, in fp32
 
 
 def initial_model(cfg: TrainConfig, resume: dict[str, Any] | None) -> GPT:
@@ -110,7 +150,10 @@ def initial_model(cfg: TrainConfig, resume: dict[str, Any] | None) -> GPT:
     rest of the state), with --init-from's weights, or of the configured shape."""
     if resume is not None:
         wanted = cfg.model_config()
-        saved = GPTConfig.from_dict(resume["config"])
+        try:
+            saved = GPTConfig.from_dict(resume["config"])
+        except (ConfigError, TypeError) as err:
+            raise CheckpointError(f"the checkpoint to resume is damaged: its {err}") from None
         if cfg.init_from is None and {**saved.to_dict(), "dropout": 0} != {**wanted.to_dict(), "dropout": 0}:
             raise CheckpointError(
                 f"the checkpoint holds a model of shape {_shape(saved)}, this run asks for {_shape(wanted)}; "
@@ -119,6 +162,7 @@ def initial_model(cfg: TrainConfig, resume: dict[str, Any] | None) -> GPT:
         return GPT(GPTConfig.from_dict({**resume["config"], "dropout": cfg.dropout}))
     if cfg.init_from is not None:
         pretrained = load_model(cfg.init_from)
+        check_vocabulary(pretrained.config.vocab_size, f"--init-from {cfg.init_from}")  # the data is GPT-2's ids
         config = GPTConfig.from_dict({**pretrained.config.to_dict(), "dropout": cfg.dropout})
         model = GPT(config)
         model.load_state_dict(pretrained.state_dict())
@@ -134,7 +178,7 @@ def _shape(config: GPTConfig) -> str:
     )
 
 
-def train_loop(state: TrainState) -> TrainResult:
+def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
     """Step until the target loss, --max-steps or a stop signal; snapshot on the way; write the final model."""
     cfg, world = state.cfg, state.world
     out_dir = Path(cfg.out_dir)
@@ -145,35 +189,37 @@ def train_loop(state: TrainState) -> TrainResult:
     snapshots = Snapshots(out_dir, cfg.keep_snapshots, world)
     metrics = MetricsLog(out_dir / outdir.METRICS_NAME if world.is_main else None, after_step=state.step)
     first_step = state.step
-    stop = StopSignals()
+    note = {"changed_on_resume": state.changes[-1]["changed"]} if state.changes else {}  # on the first record
     try:
-        with stop.installed():
-            while cfg.max_steps is None or state.step < cfg.max_steps:
-                started = time.perf_counter()
-                lr = lr_at(state.step, cfg)
-                loss = train_step(state, parallel, forward, lr)
-                state.loss, stopping = agree(loss, stop.requested is not None, state, snapshots.last)
-                record = {
-                    "step": state.step,
-                    "loss": round(state.loss, 6),
-                    "lr": lr,
-                    "tokens_per_sec": round(state.tokens_per_step / (time.perf_counter() - started), 1),
-                    "elapsed": round(time.perf_counter() - state.started, 3),  # seconds since training started
-                }
-                if world.is_main and state.corpus.val is not None and state.step % cfg.eval_interval == 0:
-                    record["val_loss"] = round(evaluate(state.model, state.corpus.val, state), 6)
-                metrics.write(record)
-                if world.is_main and (state.step % cfg.log_interval == 0 or "val_loss" in record):
-                    elapsed = time.perf_counter() - state.started
-                    log.info(progress_line(record, elapsed, state.step - first_step, cfg.max_steps))
-                if state.loss <= cfg.target_loss:
-                    break
-                if cfg.snapshot_interval and state.step % cfg.snapshot_interval == 0:
-                    snapshots.save(state)
-                if stopping:
-                    snapshots.save(state, background=False)
-                    distributed.barrier(world)
-                    raise Interrupted(str(snapshots.last))
+        while cfg.max_steps is None or state.step < cfg.max_steps:
+            started = time.perf_counter()
+            lr = lr_at(state.step, cfg)
+            loss = train_step(state, parallel, forward, lr)
+            state.loss, stopping = agree(loss, stop.requested is not None, state, snapshots.last)
+            record = {
+                "step": state.step,
+                "loss": round(state.loss, 6),
+                "lr": lr,
+                "tokens_per_sec": round(state.tokens_per_step / (time.perf_counter() - started), 1),
+                "elapsed": round(time.perf_counter() - state.started, 3),  # seconds since training started
+                **note,
+            }
+            note = {}
+            if world.is_main and state.corpus.val is not None and state.step % cfg.eval_interval == 0:
+                record["val_loss"] = round(evaluate(state.model, state.corpus.val, state), 6)
+            metrics.write(record)
+            if world.is_main and (state.step % cfg.log_interval == 0 or "val_loss" in record):
+                log.info(
+                    progress_line(record, time.perf_counter() - state.started, state.step - first_step, cfg.max_steps)
+                )
+            if state.loss <= cfg.target_loss:
+                break
+            if cfg.snapshot_interval and state.step % cfg.snapshot_interval == 0:
+                snapshots.save(state)
+            if stopping:
+                snapshots.save(state, background=False)
+                distributed.barrier(world)
+                raise Interrupted(str(snapshots.last))
         return finish(state, snapshots)
     finally:
         metrics.close()
@@ -244,7 +290,8 @@ class Snapshots:
 
     def __init__(self, out_dir: Path, keep: int, world: World):
         self.out_dir, self.world = out_dir, world
-        self.writer = SnapshotWriter(after_write=functools.partial(outdir.prune, out_dir, keep))
+        hint = "free some space" + (", lower --keep-snapshots" if keep != 1 else "") + " or use another --out-dir"
+        self.writer = SnapshotWriter(functools.partial(outdir.prune, out_dir, keep), space_hint=hint)
         self.last: Path | None = None  # the newest snapshot written by this run
 
     def save(self, state: TrainState, background: bool = True) -> Path:

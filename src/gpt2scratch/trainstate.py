@@ -8,9 +8,13 @@ every rank's random number generator.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,11 +24,49 @@ from .checkpoint import FORMAT_VERSION, load_weights
 from .config import TrainConfig
 from .data import Corpus, TokenLoader
 from .distributed import World, gather_objects
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .model import GPT
 
 # What resume needs from a checkpoint (a final model written by an older version may lack some of it).
 RESUMABLE = ("model_state_dict", "optimizer_state_dict", "step", "loss", "rng", "loader")
+
+# What makes a run the same run, with the flag that sets each: resuming with one of them changed is refused unless
+# --allow-changed names it. The model's shape is not here: weights of another shape cannot be loaded at all. Nor
+# are --max-steps and --target-loss: how long to go on is what a resume decides.
+IDENTITY = {
+    "input": "--input/--data",
+    "max_tokens": "--max-tokens",
+    "val_fraction": "--val-fraction",
+    "batch_size": "-B/--batch-size",
+    "seq_len": "-T/--seq-len",
+    "grad_accum": "--grad-accum",
+    "lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_schedule": "--lr-schedule",
+    "warmup_steps": "--warmup-steps",
+    "weight_decay": "--weight-decay",
+    "grad_clip": "--grad-clip",
+    "dropout": "--dropout",
+    "seed": "--seed",
+    "world_size": "the number of processes",
+}
+
+
+def run_identity(args: dict[str, Any], input_sha256: str | None, world_size: int | None) -> dict[str, Any]:
+    """The identity of a run from its flags (``TrainConfig.to_dict()``, or a checkpoint's ``train_args``), the
+    sha256 of its input and its number of processes. Values a checkpoint does not record are None (not compared)."""
+    values = {name: args.get(name) for name in IDENTITY}
+    values.update(input=input_sha256, world_size=world_size)
+    return values
+
+
+def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """{name: [the checkpoint's value, this run's]} for every identity field that differs (and both record)."""
+    return {
+        name: [saved[name], current[name]]
+        for name in IDENTITY
+        if saved.get(name) is not None and current.get(name) is not None and saved[name] != current[name]
+    }
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -39,6 +81,51 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def allowed_changes(cfg: TrainConfig) -> set[str]:
+    """The identity fields that --allow-changed names; UsageError for an unknown name or without --resume."""
+    if cfg.allow_changed is None:
+        return set()
+    if cfg.resume is None:
+        raise UsageError("--allow-changed applies to a resumed run; add --resume auto or --resume PATH")
+    names = {name.strip() for name in cfg.allow_changed.split(",") if name.strip()}
+    unknown = sorted(names - set(IDENTITY))
+    if unknown:
+        raise UsageError(f"--allow-changed: unknown field(s) {', '.join(unknown)}; choose from {', '.join(IDENTITY)}")
+    return names
+
+
+def check_identity(
+    cfg: TrainConfig,
+    checkpoint: dict[str, Any],
+    path: Path | None,
+    world: World,
+    input_sha256: str | None,
+    allowed: set[str],
+) -> dict[str, list[Any]]:
+    """The identity fields in which this run differs from the checkpoint's; UsageError naming each that
+    --allow-changed does not allow. ``input_sha256`` None: the input is not compared (not hashed yet)."""
+    metadata, args = checkpoint.get("metadata"), checkpoint.get("train_args")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    args = args if isinstance(args, dict) else {}
+    saved = run_identity(args, metadata.get("input_sha256"), metadata.get("world_size"))
+    changes = identity_changes(saved, run_identity(cfg.to_dict(), input_sha256, world.size))
+    refused = [name for name in changes if name not in allowed]
+    if refused:
+
+        def describe(name: str) -> str:
+            old, new = changes[name]
+            if name == "input":
+                return f"{IDENTITY[name]} gives another text (sha256 {new[:12]}, the checkpoint's {old[:12]})"
+            return f"{IDENTITY[name]} {new!r}, the checkpoint's {old!r}"
+
+        differences = "; ".join(describe(name) for name in refused)
+        raise UsageError(
+            f"this run differs from the one that wrote {path}: {differences}; give the same flags, or "
+            f"--allow-changed {','.join(refused)} to change them on purpose"
+        )
+    return changes
 
 
 @dataclass
@@ -56,6 +143,7 @@ class TrainState:
     dtype: torch.dtype
     step: int = 0  # optimizer steps completed
     loss: float = float("nan")  # the loss of the last step, averaged over ranks
+    changes: list[dict[str, Any]] = field(default_factory=list)  # identity changes allowed at resumes, with steps
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -95,27 +183,66 @@ class TrainState:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "world_size": self.world.size,
+            "changed_on_resume": self.changes,
             "gpt2scratch_version": __version__,
             "torch_version": str(torch.__version__),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
-        """Put the run where ``state`` (a checkpoint as ``state_dict`` made it) left it; CheckpointError if it
-        lacks what resuming needs."""
-        missing = [key for key in RESUMABLE if key not in state]
-        if missing:
-            raise CheckpointError(
-                f"{source} lacks {', '.join(missing)}, so training cannot resume from it; use --init-from to start "
-                "from its weights instead"
-            )
+        """Put the run where ``state`` (a checkpoint as ``state_dict`` made it) left it; CheckpointError, naming
+        the field, if it lacks what resuming needs or a field is malformed."""
+        check_resumable(state, source, len(self.loader.tokens))
         load_weights(self.model, state["model_state_dict"], source)
-        self.step, self.loss = int(state["step"]), float(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        self.step, self.loss = state["step"], float(state["loss"])
+        metadata = state.get("metadata")
+        changes = metadata.get("changed_on_resume") if isinstance(metadata, dict) else None
+        self.changes = list(changes) if isinstance(changes, list) else []
+        with _as_checkpoint_error(source, "optimizer_state_dict", "does not fit this model's optimizer"):
+            self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.loader.load_state_dict(state["loader"])
         per_rank = state.get("rng_per_rank")
-        if per_rank is not None and len(per_rank) == self.world.size:
-            set_rng_state(per_rank[self.world.rank], self.device)
-        elif self.world.is_main:  # another number of processes: rank 0 continues the stream it had
-            set_rng_state(state["rng"], self.device)
+        with _as_checkpoint_error(source, "rng", "is not a random generator state"):
+            if isinstance(per_rank, list) and len(per_rank) == self.world.size:
+                set_rng_state(per_rank[self.world.rank], self.device)
+            elif self.world.is_main:  # another number of processes: rank 0 continues the stream it had
+                set_rng_state(state["rng"], self.device)
         if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+            with _as_checkpoint_error(source, "scaler", "is not a gradient scaler state"):
+                self.scaler.load_state_dict(state["scaler"])
+
+
+def check_resumable(state: dict[str, Any], source: str, num_tokens: int) -> None:
+    """CheckpointError naming the first field that resuming needs and ``state`` lacks or holds malformed."""
+    missing = [key for key in RESUMABLE if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{source} lacks {', '.join(missing)}, so training cannot resume from it; use --init-from to start "
+            "from its weights instead"
+        )
+
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{source} is damaged: its {field} {why}; resume from another snapshot")
+
+    step, loss, loader = state["step"], state["loss"], state["loader"]
+    if type(step) is not int or step < 0:
+        raise bad("step", f"is {step!r}, not a whole number >= 0")
+    if type(loss) not in (int, float) or not (math.isfinite(loss) or step == 0):  # no step yet: no loss
+        raise bad("loss", f"is {loss!r}, not a finite number")
+    position = loader.get("position") if isinstance(loader, dict) else None
+    if type(position) is not int or not 0 <= position < num_tokens:
+        raise bad("loader position", f"is {position!r}, not a place in the input's {num_tokens} tokens")
+    optimizer = state["optimizer_state_dict"]
+    if not isinstance(optimizer, dict) or not optimizer.get("param_groups") or "state" not in optimizer:
+        raise bad("optimizer_state_dict", "holds no optimizer state")
+    if not isinstance(state["rng"], dict) or not isinstance(state["rng"].get("cpu"), torch.Tensor):
+        raise bad("rng", "is not a random generator state")
+
+
+@contextlib.contextmanager
+def _as_checkpoint_error(source: str, field: str, why: str) -> Iterator[None]:
+    """torch's own errors while restoring ``field`` (its load_state_dict checks shapes and types) as one line."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
+        detail = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise CheckpointError(f"{source} is damaged: its {field} {why} ({detail})") from None
