@@ -4,6 +4,7 @@ trained snapshot, reading metrics, one-line error checks, a file size limit, and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 
 # Flags that make `train` use a tiny model on a tiny corpus, fast and deterministic.
 TINY_TRAIN_FLAGS = ["--preset", "tiny", "--n-embd", "32", "--block-size", "64", "-B", "4", "-T", "16", "--lr", "3e-3",
-                    "--dtype", "float32", "--device", "cpu", "--no-sample"]  # fmt: skip
+                    "--dtype", "float32", "--device", "cpu", "--no-sample", "--no-plot"]  # fmt: skip
 
 SAMPLE_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -96,7 +97,8 @@ def trained_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(tiny_config(*flags, "--max-steps", "2", "--snapshot-interval", "2")).model_path
+        cfg = tiny_config(*flags, "--max-steps", "2", "--snapshot-interval", "2")
+        return train(dataclasses.replace(cfg, no_plot=False)).model_path  # its loss.png is checked in test_plot.py
     finally:
         torch.set_num_threads(threads)
 

@@ -8,6 +8,7 @@ Runs go through ``python train.py`` as a user would, except where only the loop'
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import shutil
@@ -98,7 +99,7 @@ def to_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     """``python train.py`` in a directory holding only input.txt, as the original README has it: a run to loss 1.0,
     snapshots every 10 steps keeping 2, with the samples printed at the end. The out dir is that directory."""
     cwd = make_input(tmp_path_factory.mktemp("to_target"))
-    flags = [f for f in TINY_TRAIN_FLAGS if f != "--no-sample"]
+    flags = [f for f in TINY_TRAIN_FLAGS if f not in ("--no-sample", "--no-plot")]
     extra = ["--target-loss", str(TARGET), "--snapshot-interval", "10", "--keep-snapshots", "2"]
     result = run_cli(*flags, *extra, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
     return result, cwd
@@ -123,7 +124,7 @@ def test_reaches_the_target_and_prints_samples(to_target: tuple[subprocess.Compl
 def test_files_sit_beside_input_txt_as_in_the_original(to_target: tuple[subprocess.CompletedProcess, Path]) -> None:
     _, out = to_target
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    assert visible == ["final_model.pt", "input.txt", "metrics.jsonl", "snapshots", "token_cache"]
+    assert visible == ["final_model.pt", "input.txt", "loss.png", "metrics.jsonl", "snapshots", "token_cache"]
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".gpt2scratch.lock"]
 
 
@@ -405,3 +406,18 @@ def test_the_disk_space_hint_suggests_fewer_snapshots_only_where_that_helps(
         snapshots.writer.submit(huge, tmp_path / "snapshots" / "snapshot_step_1.pt")
     assert ("lower --keep-snapshots" in str(failure.value)) == hint
     snapshots.close()
+
+
+def test_hellaswag_and_the_gradient_norm_are_in_the_metrics(tmp_path: Path, in_process: None) -> None:
+    """Issue 11: multiple choice every --eval-interval steps beside the validation loss; the gradient norm and the
+    tokens seen at every step."""
+    make_input(tmp_path)
+    question = {"ctx": "First Citizen: Before we proceed", "endings": ["any further", "the moon", "x"], "label": 0}
+    (tmp_path / "q.jsonl").write_text(json.dumps(question) + "\n")
+    flags = ["--hellaswag", str(tmp_path / "q.jsonl"), "--eval-interval", "3", "--val-fraction", "0.25"]
+    train(config_here(tmp_path, *flags, "--max-steps", "6", "--target-loss", "0", "--snapshot-interval", "0"))
+    records = metrics(tmp_path / "out")
+    assert [r["step"] for r in records if "hellaswag_acc_norm" in r] == [3, 6]
+    assert all(r["hellaswag_acc"] in (0.0, 1.0) and "val_loss" in r for r in records if "hellaswag_acc" in r)
+    assert all(r["grad_norm"] > 0 for r in records)
+    assert [r["tokens"] for r in records] == [TOKENS_PER_STEP * s for s in range(1, 7)]

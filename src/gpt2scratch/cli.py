@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from .config import ExportConfig, GenerateConfig, SamplingConfig, TrainConfig
+from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, TrainConfig
 from .errors import GPT2ScratchError, Interrupted, UsageError
 
 if typing.TYPE_CHECKING:
@@ -32,6 +32,8 @@ COMMANDS = (
     ("train", TrainConfig, "train on a text file until the target loss"),
     ("generate", GenerateConfig, "sample text from a checkpoint or GPT-2 weights"),
     ("export", ExportConfig, "write a checkpoint as a transformers model directory"),
+    ("eval", EvalConfig, "measure a model: perplexity on a text, accuracy on HellaSwag-style questions"),
+    ("plot", PlotConfig, "draw the loss, learning-rate and speed curves of runs in a PNG"),
 )
 
 
@@ -61,7 +63,7 @@ def add_flags(parser: argparse.ArgumentParser, command: Any) -> None:
             continue
         help_text = f.metadata.get("help", "")
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=help_text)
+            parser.add_argument(f.name, help=help_text, nargs=f.metadata.get("nargs"))  # "+": a list
             continue
         target = parser
         if group := f.metadata.get("group"):
@@ -119,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train(from_args(TrainConfig, args), world)
         if args.command == "generate":
             return run_generate(from_args(GenerateConfig, args))
+        if args.command == "eval":
+            return run_eval(from_args(EvalConfig, args))
+        if args.command == "plot":
+            return run_plot(from_args(PlotConfig, args))
         return run_export(from_args(ExportConfig, args))
     except Interrupted as err:
         # Nothing is left to stop: a further Ctrl-C while the interpreter shuts down must not turn exit 130 into a
@@ -167,7 +173,7 @@ def run_train(cfg: TrainConfig, world: World) -> int:
     from .train import train
     from .weights import load_model
 
-    bar = TokenizingBar()
+    bar = ProgressBar()
     try:
         result = train(cfg, world, progress=bar if world.is_main else None)
     finally:
@@ -182,20 +188,22 @@ def run_train(cfg: TrainConfig, world: World) -> int:
     return 0
 
 
-class TokenizingBar:
-    """A tqdm bar for tokenizing, shown only for inputs large enough to take a while; ``close`` ends its line, so
-    that a message printed after it (an error, say) starts on a line of its own."""
+class ProgressBar:
+    """A tqdm bar with an ETA, shown only for work large enough to take a while (``total`` of at least ``least``);
+    ``close`` ends its line, so that a message printed after it (an error, say) starts on a line of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, desc: str = "tokenizing", unit: str = "B", least: int = 20_000_000):
+        self.desc, self.unit, self.least = desc, unit, least
         self._bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:
         if self._bar is None:
-            if total < 20_000_000:
+            if total < self.least:
                 return
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr)
+            scale = self.unit == "B"
+            self._bar = tqdm(total=total, unit=self.unit, unit_scale=scale, desc=self.desc, file=sys.stderr)
         self._bar.n = done
         self._bar.refresh()
         if done >= total:
@@ -234,6 +242,14 @@ def run_generate(cfg: GenerateConfig) -> int:
     return 0
 
 
+def run_plot(cfg: PlotConfig) -> int:
+    from .plot import plot_runs
+
+    plot_runs(cfg.runs, Path(cfg.output))
+    print(f"wrote {cfg.output}")
+    return 0
+
+
 def run_export(cfg: ExportConfig) -> int:
     from .checkpoint import model_from_checkpoint, read_checkpoint
     from .convert import export
@@ -245,4 +261,64 @@ def run_export(cfg: ExportConfig) -> int:
     out = Path(cfg.out_dir)
     export(model, out, force=cfg.force)
     print(f"wrote {out} (load it with transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def run_eval(cfg: EvalConfig) -> int:
+    import json
+
+    from . import evaluate
+    from .data import resolve_inputs
+    from .device import configure_matmul, pick_device, pick_dtype
+    from .generate import for_inference
+    from .tokenizer import check_vocabulary
+    from .weights import load_model
+
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    configure_matmul(device)
+    model = load_model(cfg.source)
+    check_vocabulary(model.config.vocab_size, cfg.source)
+    model = for_inference(model, device, dtype)
+    results: dict[str, dict[str, Any]] = {}
+    rows: list[tuple[str, str, str]] = []
+    if cfg.perplexity is not None:
+        files = resolve_inputs(cfg.perplexity)
+        texts = list(evaluate.read_texts(files))
+        bar = ProgressBar("perplexity", "window", least=50)
+        try:
+            result = evaluate.perplexity(
+                model, [t for t, _ in texts], sum(n for _, n in texts), cfg.context, cfg.stride, cfg.batch_size,
+                dtype, bar,
+            )  # fmt: skip
+        finally:
+            bar.close()
+        results["perplexity"] = {"source": cfg.perplexity, **evaluate.describe(result)}
+        rows += [
+            ("perplexity", "loss (nats/token)", f"{result.loss:.4f}"),
+            ("", "perplexity", f"{result.perplexity:.3f}"),
+        ]
+        rows += [
+            ("", "bits per byte", f"{result.bits_per_byte:.4f}"),
+            ("", "tokens predicted", f"{result.predicted_tokens:,}"),
+        ]
+    if cfg.hellaswag is not None:
+        choices = evaluate.read_choices(cfg.hellaswag, cfg.limit)
+        bar = ProgressBar("questions", "ending", least=200)
+        try:
+            scored = evaluate.multiple_choice(model, choices, cfg.batch_size, dtype, bar)
+        finally:
+            bar.close()
+        results["multiple_choice"] = {"source": cfg.hellaswag, **evaluate.describe(scored)}
+        rows += [("multiple choice", "acc", f"{scored.acc:.4f}"), ("", "acc_norm", f"{scored.acc_norm:.4f}")]
+        rows += [("", "questions", f"{scored.n:,}")]
+    print(f"{cfg.source} ({str(dtype).removeprefix('torch.')}, {device})")
+    width = max(len(a) for a, _, _ in rows)
+    for task, metric, value in rows:
+        print(f"  {task:<{width}}  {metric:<18} {value:>10}")
+    if cfg.output is not None:
+        try:
+            Path(cfg.output).write_text(json.dumps({"model": cfg.source, **results}, indent=2) + "\n")
+        except OSError as err:
+            raise UsageError(f"cannot write --output {cfg.output}: {err.strerror or err}") from None
     return 0

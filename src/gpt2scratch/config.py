@@ -9,6 +9,7 @@ field's ``metadata`` holds the text ``--help`` shows and, where the name does no
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +79,8 @@ MAX_SEED = 2**63 - 1 - 4096  # torch seeds are 64-bit; training adds the rank to
 
 def _opt(help: str, *flags: str, **extra: Any) -> dict[str, Any]:
     """Field metadata for the CLI: the help text and, when not derived from the name, the flags. ``extra`` may hold
-    ``choices``, ``group`` (one of the fields of a group is required, and only one) or ``positional``."""
+    ``choices``, ``group`` (one of the fields of a group is required, and only one), ``positional`` and, for a
+    positional list, ``nargs``."""
     return {"help": help, "flags": flags, **extra}
 
 
@@ -117,6 +119,10 @@ class TrainConfig:
     val_fraction: float = field(default=0.0, metadata=_opt("hold out this tail fraction of tokens for validation"))
     eval_interval: int = field(default=100, metadata=_opt("steps between validation losses"))
     eval_batches: int = field(default=20, metadata=_opt("batches per validation loss"))
+    hellaswag: str | None = field(
+        default=None, metadata=_opt("also score these multiple-choice questions (JSONL) every --eval-interval steps")
+    )
+    hellaswag_limit: int | None = field(default=None, metadata=_opt("score only the first N of --hellaswag"))
     snapshot_interval: int = field(default=10, metadata=_opt("steps between snapshots (0: none)"))
     keep_snapshots: int = field(default=3, metadata=_opt("keep the newest K snapshots (0: keep all)"))
     resume: str | None = field(default=None, metadata=_opt("continue from a snapshot or final model, or 'auto'"))
@@ -135,10 +141,14 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=_opt("torch.compile the model (costs ~20-30 s of warm-up)"))
     seed: int = field(default=1337, metadata=_opt("random seed for initialisation and dropout"))
     log_interval: int = field(default=1, metadata=_opt("steps between progress lines"))
+    tensorboard: bool = field(
+        default=False, metadata=_opt("also write the metrics as TensorBoard events to tensorboard/")
+    )
     sample_prompt: str = field(
         default="Hello, I'm a language model,", metadata=_opt("prompt for the samples after training")
     )
     no_sample: bool = field(default=False, metadata=_opt("do not print samples after training"))
+    no_plot: bool = field(default=False, metadata=_opt("do not draw loss.png when the run ends"))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -149,7 +159,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
-        for name in ("max_tokens", "max_steps", "n_layer", "n_head", "n_embd", "block_size"):
+        for name in ("max_tokens", "max_steps", "n_layer", "n_head", "n_embd", "block_size", "hellaswag_limit"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"{flag(name)} must be a positive integer, got {value}")
@@ -173,6 +183,8 @@ class TrainConfig:
             raise UsageError("give either --input or --data, not both")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # now, not after tokenizing
+            raise UsageError('--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"')
         model = self.model_config()
         if self.seq_len > model.block_size:
             raise UsageError(
@@ -257,6 +269,49 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """``gpt2-scratch eval``: a model's perplexity on a text and/or its accuracy on multiple-choice questions."""
+
+    checkpoint: str | None = field(
+        default=None, metadata=_opt("a checkpoint written by train (final_model.pt or a snapshot)", group="source")
+    )
+    pretrained: str | None = field(
+        default=None,
+        metadata=_opt("gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers directory", group="source"),
+    )
+    perplexity: str | None = field(
+        default=None, metadata=_opt("a text file, a directory of .txt files or a glob to measure the perplexity of")
+    )
+    hellaswag: str | None = field(
+        default=None,
+        metadata=_opt("a JSONL of questions: HellaSwag's (ctx, endings, label) or generic (context, choices, label)"),
+    )
+    context: int | None = field(default=None, metadata=_opt("tokens per perplexity window (default: the block size)"))
+    stride: int | None = field(default=None, metadata=_opt("tokens the window advances by (default: half of it)"))
+    limit: int | None = field(default=None, metadata=_opt("score only the first N questions"))
+    batch_size: int = field(default=8, metadata=_opt("windows or endings per forward pass"))
+    output: str | None = field(default=None, metadata=_opt("also write the results to this JSON file"))
+    device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
+    dtype: str = field(
+        default="auto", metadata=_opt("compute dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    )
+
+    def __post_init__(self) -> None:
+        if self.perplexity is None and self.hellaswag is None:
+            raise UsageError("nothing to evaluate: give --perplexity FILE|DIR|GLOB and/or --hellaswag FILE.jsonl")
+        for name in ("context", "stride", "limit", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+    @property
+    def source(self) -> str:
+        source = self.checkpoint or self.pretrained
+        assert source is not None, "argparse requires one of --checkpoint/--pretrained"
+        return source
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """``gpt2-scratch export``: a checkpoint of ours written as a transformers model directory."""
 
@@ -267,6 +322,20 @@ class ExportConfig:
     force: bool = field(
         default=False, metadata=_opt("replace OUT_DIR if it is a model directory already (its files are deleted)")
     )
+
+
+@dataclass(frozen=True)
+class PlotConfig:
+    """``gpt2-scratch plot``: the metrics of one run, or of several overlaid, drawn as curves in a PNG."""
+
+    runs: list[str] = field(
+        metadata=_opt("a run's out dir or its metrics.jsonl; give several to compare them", positional=True, nargs="+")
+    )
+    output: str = field(default="loss.png", metadata=_opt("the PNG to write", "-o", "--output"))
+
+    def __post_init__(self) -> None:
+        if not self.output.lower().endswith(".png"):
+            raise UsageError(f"-o/--output must name a .png file, got {self.output!r}")
 
 
 def flag(name: str, command: type = TrainConfig) -> str:

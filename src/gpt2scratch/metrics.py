@@ -1,4 +1,5 @@
-"""What a run reports as it goes: ``metrics.jsonl`` (one JSON object per step) and the live progress line."""
+"""What a run reports as it goes: ``metrics.jsonl`` (one JSON object per step), the same as TensorBoard scalars
+(``--tensorboard``), and the live progress line."""
 
 from __future__ import annotations
 
@@ -6,14 +7,32 @@ import json
 from pathlib import Path
 from typing import Any
 
+# The TensorBoard tag of each record key that has one; a step's record gives the tags of the keys it holds.
+TENSORBOARD_TAGS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_sec": "train/tokens_per_sec",
+    "val_loss": "val/loss",
+    "hellaswag_acc_norm": "val/hellaswag_acc_norm",
+}
+
 
 class MetricsLog:
-    """``metrics.jsonl``, appended (so a resumed run continues the file). Rank 0 only: other ranks pass no path."""
+    """``metrics.jsonl``, appended (so a resumed run continues the file), and with ``tensorboard`` (a folder) the
+    same records as TensorBoard scalars. Rank 0 only: other ranks pass no path."""
 
-    def __init__(self, path: Path | None, after_step: int = 0):
+    def __init__(self, path: Path | None, after_step: int = 0, tensorboard: Path | None = None):
         self._file = None
+        self._writer: Any = None
         if path is None:
             return
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter  # an optional extra: TrainConfig checked it is there
+
+            # A new event file beside the earlier run's; purge_step hides what that run logged after its snapshot,
+            # as the truncation below does for metrics.jsonl.
+            self._writer = SummaryWriter(str(tensorboard), purge_step=after_step + 1 if after_step else None)
         if path.exists():  # a resumed run replaces what the run it continues logged after its snapshot
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= after_step]
             path.write_text("".join(line + "\n" for line in kept))
@@ -23,10 +42,17 @@ class MetricsLog:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._writer is not None:
+            for key, tag in TENSORBOARD_TAGS.items():
+                if key in record:
+                    self._writer.add_scalar(tag, record[key], record["step"])
+            self._writer.flush()  # a run being watched shows each step, as metrics.jsonl does
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _step_of(line: str) -> float:
@@ -46,6 +72,8 @@ def progress_line(record: dict[str, Any], elapsed: float, steps_done: int, max_s
         line += f" | ETA {clock(elapsed / max(1, steps_done) * (max_steps - record['step']))}"
     if "val_loss" in record:
         line += f" | val loss {record['val_loss']:.6f}"
+    if "hellaswag_acc_norm" in record:
+        line += f" | hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}"
     return line
 
 

@@ -3,7 +3,9 @@ run writes into it.
 
 Layout, as the original script had it (by default the out dir is the directory the command runs in):
 ``snapshots/snapshot_step_N.pt``, ``final_model.pt`` and ``metrics.jsonl`` in the out dir itself, the token cache in
-``token_cache/``, and a hidden ``.gpt2scratch.lock`` held by the run in progress. Nothing else is written there.
+``token_cache/``, and a hidden ``.gpt2scratch.lock`` held by the run in progress. Beside them, what watching a run
+adds: ``loss.png``, its curves drawn when it ends (if matplotlib is installed), and with ``--tensorboard`` the event
+files in ``tensorboard/``. Nothing else is written there.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 SNAPSHOT_DIR = "snapshots"
 FINAL_NAME = "final_model.pt"
 METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
 CACHE_DIR = "token_cache"
 LOCK_NAME = ".gpt2scratch.lock"
 _SNAPSHOT_RE = re.compile(r"snapshot_step_(\d+)\.pt")
@@ -69,6 +73,7 @@ def remove_stale_temporaries(out_dir: Path) -> None:
     """Delete the temporary files of ours that a run killed mid-write left (only ours: the out dir may be the
     user's working directory)."""
     patterns = [(out_dir, f".{FINAL_NAME}.tmp-*"), (out_dir / SNAPSHOT_DIR, ".snapshot_step_*.pt.tmp-*")]
+    patterns.append((out_dir, f".{PLOT_NAME}.tmp-*"))
     patterns.append((out_dir / CACHE_DIR, ".*.tmp-*"))
     for folder, pattern in patterns:
         if folder.is_dir():

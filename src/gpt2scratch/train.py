@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed, outdir
+from . import distributed, outdir, plot
 from .checkpoint import SnapshotWriter, all_finite, check_free_space, read_checkpoint
 from .config import GPTConfig, SamplingConfig, TrainConfig
 from .data import Progress, TokenLoader, prepare_corpus
 from .device import autocast, configure_matmul, keep_freed_memory, pick_device, pick_dtype
 from .distributed import World
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, UsageError
+from .evaluate import Choice, multiple_choice, read_choices
 from .generate import prompt_ids
 from .metrics import MetricsLog, progress_line
 from .model import GPT
@@ -187,28 +188,33 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
     if cfg.compile:
         log.info("compiling the model (the first step takes ~20-30 s longer)")
     snapshots = Snapshots(out_dir, cfg.keep_snapshots, world)
-    metrics = MetricsLog(out_dir / outdir.METRICS_NAME if world.is_main else None, after_step=state.step)
+    tensorboard = out_dir / outdir.TENSORBOARD_DIR if cfg.tensorboard else None
+    metrics = MetricsLog(out_dir / outdir.METRICS_NAME if world.is_main else None, state.step, tensorboard)
     first_step = state.step
+    questions = read_choices(cfg.hellaswag, cfg.hellaswag_limit) if cfg.hellaswag and world.is_main else None
     note = {"changed_on_resume": state.changes[-1]["changed"]} if state.changes else {}  # on the first record
     try:
         while cfg.max_steps is None or state.step < cfg.max_steps:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg)
-            loss = train_step(state, parallel, forward, lr)
+            loss, grad_norm = train_step(state, parallel, forward, lr)
             state.loss, stopping = agree(loss, stop.requested is not None, state, snapshots.last)
             record = {
                 "step": state.step,
                 "loss": round(state.loss, 6),
                 "lr": lr,
+                "grad_norm": round(float(grad_norm), 6),
+                "tokens": state.step * state.tokens_per_step,
                 "tokens_per_sec": round(state.tokens_per_step / (time.perf_counter() - started), 1),
                 "elapsed": round(time.perf_counter() - state.started, 3),  # seconds since training started
                 **note,
             }
             note = {}
-            if world.is_main and state.corpus.val is not None and state.step % cfg.eval_interval == 0:
-                record["val_loss"] = round(evaluate(state.model, state.corpus.val, state), 6)
+            if world.is_main and state.step % cfg.eval_interval == 0:
+                record.update(evaluate_now(state, questions))
             metrics.write(record)
-            if world.is_main and (state.step % cfg.log_interval == 0 or "val_loss" in record):
+            evaluated = "val_loss" in record or "hellaswag_acc" in record
+            if world.is_main and (state.step % cfg.log_interval == 0 or evaluated):
                 log.info(
                     progress_line(record, time.perf_counter() - state.started, state.step - first_step, cfg.max_steps)
                 )
@@ -223,11 +229,16 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
         return finish(state, snapshots)
     finally:
         metrics.close()
+        if world.is_main and not cfg.no_plot:
+            plot.write_run_plot(out_dir)  # also after a stop by a signal or a NaN; a failure is only a warning
         snapshots.close()
 
 
-def train_step(state: TrainState, parallel: torch.nn.Module, forward: Callable[..., Any], lr: float) -> torch.Tensor:
-    """One optimizer step at learning rate ``lr``: micro-batches, clipping, update. Returns this rank's mean loss."""
+def train_step(
+    state: TrainState, parallel: torch.nn.Module, forward: Callable[..., Any], lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step at learning rate ``lr``: micro-batches, clipping, update. Returns this rank's mean loss
+    and the gradient norm (before clipping)."""
     cfg, optimizer, scaler = state.cfg, state.optimizer, state.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -240,14 +251,16 @@ def train_step(state: TrainState, parallel: torch.nn.Module, forward: Callable[.
             _, loss = forward(x, y, return_logits=False)  # the loss alone: see loss.py
         scaler.scale(loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
+    scaler.unscale_(optimizer)  # the true gradients, to clip and to log (a no-op without fp16's scaler)
     if cfg.grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)  # the norm before clipping
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in state.model.parameters() if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    return loss_sum / cfg.grad_accum
+    return loss_sum / cfg.grad_accum, norm
 
 
 def agree(
@@ -266,8 +279,20 @@ def agree(
     return mean_loss, stopping
 
 
+def evaluate_now(state: TrainState, questions: list[Choice] | None) -> dict[str, float]:
+    """The validation loss and the multiple-choice accuracy, whichever this run measures, for the metrics record."""
+    results = {}
+    if state.corpus.val is not None:
+        results["val_loss"] = round(validation_loss(state.model, state.corpus.val, state), 6)
+    if questions is not None:
+        scored = multiple_choice(state.model, questions, state.cfg.batch_size, state.dtype)
+        results.update(hellaswag_acc=round(scored.acc, 6), hellaswag_acc_norm=round(scored.acc_norm, 6))
+    state.model.train()
+    return results
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, state: TrainState) -> float:
+def validation_loss(model: torch.nn.Module, tokens: np.ndarray, state: TrainState) -> float:
     """Mean loss over the first ``eval_batches`` windows of the validation tokens."""
     cfg = state.cfg
     loader = TokenLoader(tokens, cfg.batch_size, cfg.seq_len)
@@ -278,7 +303,6 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, state: TrainState) -> f
         with autocast(state.device, state.dtype):
             _, loss = model(x.to(state.device), y.to(state.device), return_logits=False)
         total += loss
-    model.train()
     return total.item() / cfg.eval_batches
 
 
