@@ -173,6 +173,8 @@ CASES.update(
         "init-from-other-vocabulary": Case(
             (*TRAIN, "--init-from", "vocab1000"), 1, r"--init-from vocab1000 has a vocabulary of 1,000 tokens"
         ),
+        "resume-fifo": Case((*TRAIN, "--resume", "pipe"), 1, r"pipe is not a regular file \(a FIFO"),
+        "generate-fifo": Case(("generate", "--checkpoint", "pipe"), 1, r"pipe is not a regular file \(a FIFO"),
         "seed-too-large": Case((*TRAIN, "--seed", str(2**64)), 2, r"--seed must be in \[0, "),
     }
 )

@@ -166,7 +166,7 @@ def test_generate_flags_come_from_the_sampling_config() -> None:
     argv = ["generate", "--pretrained", "gpt2", "--top-k", "5", "--temperature", "0.5", "--stop-at-eot", "--stream"]
     cfg = from_args(GenerateConfig, build_parser().parse_args(argv))
     assert cfg.sampling == SamplingConfig(top_k=5, temperature=0.5, stop_at_eot=True)
-    assert (cfg.source, cfg.stream, cfg.prompt) == ("gpt2", True, GenerateConfig.prompt)
+    assert (cfg.model.name, cfg.stream, cfg.prompt) == ("gpt2", True, GenerateConfig.prompt)
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()  # type: ignore[union-attr]
     for field in dataclasses.fields(SamplingConfig):
         assert flag(field.name, SamplingConfig) in help_text, field.name

@@ -208,6 +208,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not path.is_file():  # a FIFO would block the reader forever
+        raise CheckpointError(f"{path} is not a regular file (a FIFO, socket or device), not a checkpoint")
     state = safe_load(path)
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise CheckpointError(f"{path} is not a gpt2-scratch checkpoint (no model_state_dict)")

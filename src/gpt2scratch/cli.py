@@ -225,8 +225,8 @@ def run_generate(cfg: GenerateConfig) -> int:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     configure_matmul(device)
-    model = load_model(cfg.source)
-    check_vocabulary(model.config.vocab_size, cfg.source)  # generate_text checks too; here the message names it
+    model = load_model(cfg.model.name)
+    check_vocabulary(model.config.vocab_size, cfg.model.name)  # generate_text checks too; here the message names it
     model = for_inference(model, device, dtype)
     sampling = cfg.sampling
     if not cfg.stream:
@@ -277,8 +277,8 @@ def run_eval(cfg: EvalConfig) -> int:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     configure_matmul(device)
-    model = load_model(cfg.source)
-    check_vocabulary(model.config.vocab_size, cfg.source)
+    model = load_model(cfg.model.name)
+    check_vocabulary(model.config.vocab_size, cfg.model.name)
     model = for_inference(model, device, dtype)
     results: dict[str, dict[str, Any]] = {}
     rows: list[tuple[str, str, str]] = []
@@ -312,13 +312,13 @@ def run_eval(cfg: EvalConfig) -> int:
         results["multiple_choice"] = {"source": cfg.hellaswag, **evaluate.describe(scored)}
         rows += [("multiple choice", "acc", f"{scored.acc:.4f}"), ("", "acc_norm", f"{scored.acc_norm:.4f}")]
         rows += [("", "questions", f"{scored.n:,}")]
-    print(f"{cfg.source} ({str(dtype).removeprefix('torch.')}, {device})")
+    print(f"{cfg.model.name} ({str(dtype).removeprefix('torch.')}, {device})")
     width = max(len(a) for a, _, _ in rows)
     for task, metric, value in rows:
         print(f"  {task:<{width}}  {metric:<18} {value:>10}")
     if cfg.output is not None:
         try:
-            Path(cfg.output).write_text(json.dumps({"model": cfg.source, **results}, indent=2) + "\n")
+            Path(cfg.output).write_text(json.dumps({"model": cfg.model.name, **results}, indent=2) + "\n")
         except OSError as err:
             raise UsageError(f"cannot write --output {cfg.output}: {err.strerror or err}") from None
     return 0

@@ -1,5 +1,6 @@
 """Typed configuration: the model's shape (``GPTConfig``), its named presets, and one dataclass per command
-(``TrainConfig``, ``GenerateConfig`` with its ``SamplingConfig``, ``ExportConfig``).
+(``TrainConfig``, ``GenerateConfig`` with its ``SamplingConfig``, ``EvalConfig``, ``ExportConfig``, ``PlotConfig``;
+``ModelSource`` is the --checkpoint/--pretrained pair that generate and eval share).
 
 Configuration flows one way: the CLI makes each command's flags from its dataclass, parses ``argv`` into it, and
 hands it to the training or generation code. A command's dataclass validates itself once, when it is built. Each
@@ -242,8 +243,8 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
-    """``gpt2-scratch generate``: which model, which prompt, where to run it, and how to sample."""
+class ModelSource:
+    """The model a command loads: one of --checkpoint or --pretrained (argparse requires exactly one)."""
 
     checkpoint: str | None = field(
         default=None, metadata=_opt("a checkpoint written by train (final_model.pt or a snapshot)", group="source")
@@ -252,6 +253,20 @@ class GenerateConfig:
         default=None,
         metadata=_opt("gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers directory", group="source"),
     )
+
+    @property
+    def name(self) -> str:
+        """The checkpoint path, or the published name or transformers directory."""
+        name = self.checkpoint or self.pretrained
+        assert name is not None, "argparse requires one of --checkpoint/--pretrained"
+        return name
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """``gpt2-scratch generate``: which model, which prompt, where to run it, and how to sample."""
+
+    model: ModelSource = field(default_factory=ModelSource)
     prompt: str = field(default="Hello, I'm a language model,", metadata=_opt("text to continue"))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stream: bool = field(default=False, metadata=_opt("print tokens as they come (samples one after another)"))
@@ -260,25 +275,12 @@ class GenerateConfig:
         default="auto", metadata=_opt("compute dtype", choices=("auto", "float32", "bfloat16", "float16"))
     )
 
-    @property
-    def source(self) -> str:
-        """The model to load: the checkpoint or the pretrained name/directory."""
-        source = self.checkpoint or self.pretrained
-        assert source is not None, "argparse requires one of --checkpoint/--pretrained"
-        return source
-
 
 @dataclass(frozen=True)
 class EvalConfig:
     """``gpt2-scratch eval``: a model's perplexity on a text and/or its accuracy on multiple-choice questions."""
 
-    checkpoint: str | None = field(
-        default=None, metadata=_opt("a checkpoint written by train (final_model.pt or a snapshot)", group="source")
-    )
-    pretrained: str | None = field(
-        default=None,
-        metadata=_opt("gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers directory", group="source"),
-    )
+    model: ModelSource = field(default_factory=ModelSource)
     perplexity: str | None = field(
         default=None, metadata=_opt("a text file, a directory of .txt files or a glob to measure the perplexity of")
     )
@@ -303,12 +305,6 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-
-    @property
-    def source(self) -> str:
-        source = self.checkpoint or self.pretrained
-        assert source is not None, "argparse requires one of --checkpoint/--pretrained"
-        return source
 
 
 @dataclass(frozen=True)
