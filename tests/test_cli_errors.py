@@ -175,6 +175,10 @@ CASES.update(
         ),
         "resume-fifo": Case((*TRAIN, "--resume", "pipe"), 1, r"pipe is not a regular file \(a FIFO"),
         "generate-fifo": Case(("generate", "--checkpoint", "pipe"), 1, r"pipe is not a regular file \(a FIFO"),
+        "model-too-large": Case(
+            (*TRAIN, "--n-embd", "1000000"), 2, r"parameters needs at least .* GB to train .*, more than"
+        ),
+        "block-too-large": Case((*TRAIN, "--block-size", str(10**12)), 2, r"parameters needs at least .* GB to train"),
         "seed-too-large": Case((*TRAIN, "--seed", str(2**64)), 2, r"--seed must be in \[0, "),
     }
 )

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 from . import __version__
 from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, TrainConfig
-from .errors import GPT2ScratchError, Interrupted, UsageError
+from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
 
 if typing.TYPE_CHECKING:
     from .distributed import World as World
@@ -135,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GPT2ScratchError as err:
         if args.debug:
             raise
+        if isinstance(err, Stopped):  # as after Interrupted: a further Ctrl-C must not kill the exit itself
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -34,6 +34,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested is not None:
+            os.write(2, b"error: a second stop signal: exiting at once (every file on disk is complete)\n")
             os._exit(130)
         self.requested = signal.Signals(signum).name
         if not self.training:

@@ -27,7 +27,7 @@ from .device import autocast, configure_matmul, keep_freed_memory, pick_device, 
 from .distributed import World
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, UsageError
 from .evaluate import Choice, multiple_choice, read_choices
-from .generate import prompt_ids
+from .generate import available_memory, prompt_ids
 from .metrics import MetricsLog, progress_line
 from .model import GPT
 from .optim import lr_at, make_optimizer
@@ -88,6 +88,7 @@ def set_up(
     resume_path, resume = find_resume(cfg, world)
     if resume is not None:
         check_identity(cfg, resume, resume_path, world, None, allowed)  # the flags now, the input once hashed
+    check_model_fits(cfg.model_config() if resume is None else GPTConfig.from_dict(resume["config"]), device)
     corpus = prepare_corpus(cfg, out_dir / outdir.CACHE_DIR, world, progress)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = initial_model(cfg, resume).to(device)
@@ -136,6 +137,19 @@ def find_resume(cfg: TrainConfig, world: World) -> tuple[Path | None, dict[str, 
     if type(step) is int and cfg.max_steps is not None and cfg.max_steps <= step:
         raise UsageError(f"--max-steps {cfg.max_steps} is not beyond the checkpoint's step {step}; raise it to go on")
     return path, checkpoint
+
+
+def check_model_fits(config: GPTConfig, device: torch.device) -> None:
+    """UsageError, before anything is allocated, if the model's weights, gradients and AdamW's two moments (fp32)
+    alone exceed the memory free on ``device``."""
+    C, L = config.n_embd, config.n_layer
+    params = (config.vocab_size + config.block_size) * C + L * (12 * C * C + 13 * C) + 2 * C
+    needed, available = 16 * params, available_memory(device)
+    if available is not None and needed > available:
+        raise UsageError(
+            f"a model of {params / 1e9:.2f}B parameters needs at least {needed / 1e9:.1f} GB to train (weights, "
+            f"gradients and AdamW state in fp32), more than the {available / 1e9:.1f} GB free; choose a smaller shape"
+        )
 
 
 def check_before_training(cfg: TrainConfig, model: GPT) -> None:
