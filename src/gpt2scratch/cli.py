@@ -92,7 +92,9 @@ def from_args(command: Callable[..., T], args: argparse.Namespace) -> T:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gpt2-scratch", description="GPT-2 from scratch: train on your text, generate, export.")
+    parser = _Parser(
+        prog="gpt2-scratch", description="GPT-2 from scratch: train on your text, generate, evaluate, plot, export."
+    )
     parser.add_argument("--version", action="version", version=f"gpt2-scratch {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

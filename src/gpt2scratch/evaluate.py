@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .device import autocast
 from .errors import DataError, UsageError
+from .loss import head_loss
 from .model import GPT
 from .tokenizer import encode
 
@@ -87,9 +88,12 @@ def perplexity(
             window = torch.from_numpy(text[begin:end].astype(np.int64))
             x[row, : end - begin - 1] = window[:-1]
             y[row, first - begin - 1 : end - begin - 1] = window[first - begin :]
-        n = int((y >= 0).sum())
+        x, y = x.to(device), y.to(device)
+        targets = y >= 0  # (B, T): half of each window is context only, and needs no output head
+        n = int(targets.sum())
         with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device), return_logits=False)
+            hidden = model.transformer(x)[targets]  # (n, C)
+            loss = head_loss(hidden, model.lm_head.weight, y[targets])
         total += float(loss) * n
         count += n
         if progress is not None:
