@@ -172,8 +172,12 @@ class TrainConfig:
         if not 0 <= self.min_lr <= self.lr:
             raise UsageError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
         for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
+            if not 0 <= getattr(self, name) < math.inf:  # nan fails too
                 raise UsageError(f"{flag(name)} must be zero or positive, got {getattr(self, name)}")
+        if math.isnan(self.target_loss):
+            raise UsageError(f"--target-loss must be a number, got {self.target_loss}")
+        if self.input == "":
+            raise UsageError("--input must not be empty; give a text file, a directory of .txt files or a glob")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.seed <= MAX_SEED:
