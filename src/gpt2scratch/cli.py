@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, TrainConfig
+from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, ServeConfig, TrainConfig
 from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
 
 if typing.TYPE_CHECKING:
@@ -34,6 +34,7 @@ COMMANDS = (
     ("export", ExportConfig, "write a checkpoint as a transformers model directory"),
     ("eval", EvalConfig, "measure a model: perplexity on a text, accuracy on HellaSwag-style questions"),
     ("plot", PlotConfig, "draw the loss, learning-rate and speed curves of runs in a PNG"),
+    ("serve", ServeConfig, "serve a model over HTTP: OpenAI-compatible completions, batched across requests"),
 )
 
 
@@ -93,7 +94,8 @@ def from_args(command: Callable[..., T], args: argparse.Namespace) -> T:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="gpt2-scratch", description="GPT-2 from scratch: train on your text, generate, evaluate, plot, export."
+        prog="gpt2-scratch",
+        description="GPT-2 from scratch: train on your text, generate, evaluate, serve, plot, export.",
     )
     parser.add_argument("--version", action="version", version=f"gpt2-scratch {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
@@ -127,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_eval(from_args(EvalConfig, args))
         if args.command == "plot":
             return run_plot(from_args(PlotConfig, args))
+        if args.command == "serve":
+            return run_serve(from_args(ServeConfig, args))
         return run_export(from_args(ExportConfig, args))
     except Interrupted as err:
         # Nothing is left to stop: a further Ctrl-C while the interpreter shuts down must not turn exit 130 into a
@@ -243,6 +247,13 @@ def run_generate(cfg: GenerateConfig) -> int:
         for piece in stream_text(model, cfg.prompt, one):
             print(piece, end="", flush=True)
         print()
+    return 0
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    from .serve import serve
+
+    serve(cfg)  # until SIGTERM or Ctrl-C, after which the requests in flight are finished
     return 0
 
 

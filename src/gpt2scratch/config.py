@@ -1,6 +1,6 @@
 """Typed configuration: the model's shape (``GPTConfig``), its named presets, and one dataclass per command
-(``TrainConfig``, ``GenerateConfig`` with its ``SamplingConfig``, ``EvalConfig``, ``ExportConfig``, ``PlotConfig``;
-``ModelSource`` is the --checkpoint/--pretrained pair that generate and eval share).
+(``TrainConfig``, ``GenerateConfig`` with its ``SamplingConfig``, ``EvalConfig``, ``ExportConfig``, ``PlotConfig``,
+``ServeConfig``; ``ModelSource`` is the --checkpoint/--pretrained pair that generate, eval and serve share).
 
 Configuration flows one way: the CLI makes each command's flags from its dataclass, parses ``argv`` into it, and
 hands it to the training or generation code. A command's dataclass validates itself once, when it is built. Each
@@ -76,6 +76,8 @@ def preset(name: str) -> GPTConfig:
 
 
 MAX_SEED = 2**63 - 1 - 4096  # torch seeds are 64-bit; training adds the rank to the seed
+TRAIN_DTYPES = ("auto", "float32", "bfloat16", "float16")
+INFERENCE_DTYPES = (*TRAIN_DTYPES, "float64")  # float64: exact comparisons (tests), never fast
 
 
 def _opt(help: str, *flags: str, **extra: Any) -> dict[str, Any]:
@@ -135,10 +137,7 @@ class TrainConfig:
         default=None, metadata=_opt("start from weights: gpt2[-medium|-large|-xl], a dir or a checkpoint")
     )
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
-    dtype: str = field(
-        default="auto",
-        metadata=_opt("auto, float32, bfloat16 or float16", choices=("auto", "float32", "bfloat16", "float16")),
-    )
+    dtype: str = field(default="auto", metadata=_opt("auto, float32, bfloat16 or float16", choices=TRAIN_DTYPES))
     compile: bool = field(default=False, metadata=_opt("torch.compile the model (costs ~20-30 s of warm-up)"))
     seed: int = field(default=1337, metadata=_opt("random seed for initialisation and dropout"))
     log_interval: int = field(default=1, metadata=_opt("steps between progress lines"))
@@ -186,6 +185,8 @@ class TrainConfig:
             raise UsageError("--out-dir must not be empty; give . for the current directory")
         if self.input is not None and self.data is not None:
             raise UsageError("give either --input or --data, not both")
+        if self.dtype not in TRAIN_DTYPES:  # float64 is offered to inference only
+            raise UsageError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # now, not after tokenizing
@@ -275,9 +276,7 @@ class GenerateConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stream: bool = field(default=False, metadata=_opt("print tokens as they come (samples one after another)"))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
-    dtype: str = field(
-        default="auto", metadata=_opt("compute dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    )
+    dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=INFERENCE_DTYPES))
 
 
 @dataclass(frozen=True)
@@ -298,9 +297,7 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata=_opt("windows or endings per forward pass"))
     output: str | None = field(default=None, metadata=_opt("also write the results to this JSON file"))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
-    dtype: str = field(
-        default="auto", metadata=_opt("compute dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    )
+    dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=TRAIN_DTYPES))
 
     def __post_init__(self) -> None:
         if self.perplexity is None and self.hellaswag is None:
@@ -336,6 +333,46 @@ class PlotConfig:
     def __post_init__(self) -> None:
         if not self.output.lower().endswith(".png"):
             raise UsageError(f"-o/--output must name a .png file, got {self.output!r}")
+
+
+API_KEY_ENV = "GPT2SCRATCH_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``gpt2-scratch serve``: a model behind an OpenAI-compatible HTTP API, requests decoded as one batch."""
+
+    model: ModelSource = field(default_factory=ModelSource)
+    host: str = field(
+        default="127.0.0.1", metadata=_opt("address to listen on (0.0.0.0: every interface; set an API key then)")
+    )
+    port: int = field(default=8000, metadata=_opt("TCP port (0: any free one, printed at start)"))
+    device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
+    dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=INFERENCE_DTYPES))
+    max_batch: int = field(default=16, metadata=_opt("sequences decoded together (1: no batching)"))
+    max_queue: int = field(
+        default=256, metadata=_opt("sequences that may wait for a place in the batch; beyond, requests get 429")
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata=_opt(f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, which ps cannot see)"),
+    )
+    shutdown_timeout: float = field(
+        default=30.0, metadata=_opt("seconds that SIGTERM/Ctrl-C waits for requests in flight before cutting them")
+    )
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise UsageError("--host must not be empty; 127.0.0.1 serves this machine only")
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be in [0, 65535], got {self.port}")
+        for name in ("max_batch", "max_queue"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
+            raise UsageError(f"--shutdown-timeout must be zero or a positive number, got {self.shutdown_timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("--api-key must not be empty")
 
 
 def flag(name: str, command: type = TrainConfig) -> str:

@@ -13,7 +13,9 @@ from .errors import DeviceError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is for inference only (the CLI offers it to generate and serve): exact comparisons in tests, where a
+# kernel's summation order can never flip a sampled token.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -60,7 +62,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32  # MPS and CPUs without bf16 units: fp32 is the fast and safe choice
     if name not in DTYPES:
-        raise DeviceError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+        raise DeviceError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type == "cpu":
         raise DeviceError("float16 is not supported on the CPU; use --dtype bfloat16 or float32")
