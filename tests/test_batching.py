@@ -172,3 +172,23 @@ def test_the_queue_is_bounded_and_takes_a_request_whole_or_not_at_all(engine: En
     for seq in waiting:  # closed before their turn, or ended normally if the worker got to them first
         last = seq.deliver.updates[-1]  # type: ignore[attr-defined]
         assert last.error == "the server is shutting down" or last.finish_reason == "length"
+
+
+def test_newcomers_join_within_the_prefill_budget_between_decoding_steps(engine: Engine) -> None:
+    """With a budget of 4 prompt tokens per step, three 4-token prompts join one per step, each step decoding the
+    rows already running: the batch grows 1, 2, 3, 4 instead of the running row waiting for all three prefills."""
+    sizes: list[int] = []
+    batcher = Batcher(engine, max_queue=8, prefill_tokens=4, on_step=sizes.append)
+    greedy = Sampling(temperature=0)
+    first = sequence("a b c d", 40, greedy)
+    batcher.submit([first])  # queued before the worker starts: the first step is certain to hold it alone
+    newcomers = [sequence(f"e f g {i}", 20, greedy) for i in range(3)]
+    batcher.submit(newcomers)
+    batcher.start()
+    try:
+        for seq in [first, *newcomers]:
+            seq.deliver.wait()  # type: ignore[attr-defined]
+    finally:
+        batcher.close(10)
+    assert all(len(encode(decode(seq.prompt))) == 4 for seq in newcomers)
+    assert sizes[:4] == [1, 2, 3, 4]
