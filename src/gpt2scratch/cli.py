@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, TrainConfig
+from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, PrepareConfig, SamplingConfig, TrainConfig
 from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
 
 if typing.TYPE_CHECKING:
@@ -34,6 +34,7 @@ COMMANDS = (
     ("export", ExportConfig, "write a checkpoint as a transformers model directory"),
     ("eval", EvalConfig, "measure a model: perplexity on a text, accuracy on HellaSwag-style questions"),
     ("plot", PlotConfig, "draw the loss, learning-rate and speed curves of runs in a PNG"),
+    ("prepare", PrepareConfig, "tokenize text, JSON lines, Parquet or a datasets folder into token shards"),
 )
 
 
@@ -74,10 +75,12 @@ def add_flags(parser: argparse.ArgumentParser, command: Any) -> None:
         if kind is bool:
             target.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
             continue
-        shown = "" if f.default is None else f" (default: {f.default})"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        shown = "" if f.default is None or required else f" (default: {f.default})"
         target.add_argument(
-            *flags, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text + shown
-        )
+            *flags, dest=f.name, type=kind, default=None if required else f.default, required=required,
+            choices=f.metadata.get("choices"), help=help_text + shown,
+        )  # fmt: skip
 
 
 def from_args(command: Callable[..., T], args: argparse.Namespace) -> T:
@@ -127,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_eval(from_args(EvalConfig, args))
         if args.command == "plot":
             return run_plot(from_args(PlotConfig, args))
+        if args.command == "prepare":
+            return run_prepare(from_args(PrepareConfig, args))
         return run_export(from_args(ExportConfig, args))
     except Interrupted as err:
         # Nothing is left to stop: a further Ctrl-C while the interpreter shuts down must not turn exit 130 into a
@@ -200,7 +205,7 @@ class ProgressBar:
         self.desc, self.unit, self.least = desc, unit, least
         self._bar: Any = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, note: str = "") -> None:
         if self._bar is None:
             if total < self.least:
                 return
@@ -209,6 +214,8 @@ class ProgressBar:
             scale = self.unit == "B"
             self._bar = tqdm(total=total, unit=self.unit, unit_scale=scale, desc=self.desc, file=sys.stderr)
         self._bar.n = done
+        if note:
+            self._bar.set_postfix_str(note, refresh=False)
         self._bar.refresh()
         if done >= total:
             self.close()
@@ -251,6 +258,22 @@ def run_plot(cfg: PlotConfig) -> int:
 
     plot_runs(cfg.runs, Path(cfg.output))
     print(f"wrote {cfg.output}")
+    return 0
+
+
+def run_prepare(cfg: PrepareConfig) -> int:
+    from .prepare import prepare
+
+    bar = ProgressBar("preparing")
+    try:
+        result = prepare(cfg, bar)
+    finally:
+        bar.close()
+    done = "already prepared" if result.already else "wrote"
+    print(
+        f"{done} {result.out}: {len(result.shards)} shards, {result.train_tokens:,} train and {result.val_tokens:,} "
+        f"val tokens from {result.documents:,} documents (manifest.json lists them with their sha256)"
+    )
     return 0
 
 
