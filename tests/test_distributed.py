@@ -3,6 +3,7 @@ combined batch, writes its files once, and resumes."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from pathlib import Path
@@ -131,3 +132,29 @@ def test_resume_with_dropout_under_torchrun_is_exact(dropout_runs: Path) -> None
     straight, resumed = metrics(dropout_runs / "straight"), metrics(dropout_runs / "resumed")
     assert [r["step"] for r in resumed] == [3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[2:]]
+
+
+@pytest.fixture(scope="module")
+def shard_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of 200 tokens (3 windows of 64 + 1 each, then a tail skipped): one process with -B 4 and two ranks
+    with -B 2, 8 steps each, across two shard boundaries."""
+    from gpt2scratch.config import PrepareConfig
+    from gpt2scratch.prepare import prepare
+
+    cwd = tmp_path_factory.mktemp("shards")
+    (cwd / "docs.jsonl").write_text((json.dumps({"text": SAMPLE_TEXT}) + "\n") * 6, encoding="utf-8")
+    prepare(PrepareConfig(inputs=[str(cwd / "docs.jsonl")], out=str(cwd / "shards"), shard_tokens=200))
+    flags = [*FLAGS, "--input", "shards", "--max-steps", "8"]
+    one = single(*flags, "-B", "4", "--out-dir", "one", cwd=cwd)
+    two = torchrun(*flags, "-B", "2", "--out-dir", "two", cwd=cwd)
+    for name, result in (("one", one), ("two", two)):
+        assert result.returncode == 0, f"{name}: {result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return cwd
+
+
+def test_two_ranks_on_shards_compute_what_one_process_computes(shard_runs: Path) -> None:
+    one, two = shard_runs / "one", shard_runs / "two"
+    assert_close_losses(metrics(two), metrics(one))
+    assert_close_weights(two / "snapshots" / "snapshot_step_5.pt", one / "snapshots" / "snapshot_step_5.pt")
+    last = [torch.load(run / "snapshots" / "snapshot_step_5.pt", weights_only=True)["loader"] for run in (one, two)]
+    assert last[0] == last[1] == {"shard": 1, "offset": 128, "epoch": 0}

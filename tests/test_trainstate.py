@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from gpt2scratch.distributed import World
 from gpt2scratch.errors import CheckpointError
 from gpt2scratch.model import GPT
 from gpt2scratch.optim import make_optimizer
+from gpt2scratch.shards import ShardLoader, ShardSet
 from gpt2scratch.trainstate import TrainState
 
 # The keys of a format-1 checkpoint, as every version since the first wrote them (and the original README's resume
@@ -60,16 +62,30 @@ def take_steps(state: TrainState, n: int) -> list[float]:
     return losses
 
 
+def shard_state(seed: int) -> TrainState:
+    """new_state, reading two shards (issue 12) instead of one stream of tokens."""
+    state = new_state(seed)
+    tokens = ShardSet([Path("train_000000.bin"), Path("train_000001.bin")], [state.corpus.train[:2000]] * 2)
+    state.corpus = Corpus(tokens, None, "test", "1" * 64)
+    state.loader = ShardLoader(tokens, 2, 8)
+    return state
+
+
 @pytest.mark.usefixtures("one_thread")
-def test_state_dict_is_format_1_and_restores_a_run_exactly() -> None:
-    first = new_state(seed=0)
+@pytest.mark.parametrize(
+    ("make", "place"),
+    [(new_state, {"position": 3 * 2 * 8}), (shard_state, {"shard": 0, "offset": 3 * 2 * 8, "epoch": 0})],
+    ids=["tokens", "shards"],
+)
+def test_state_dict_is_format_1_and_restores_a_run_exactly(make: Callable[[int], TrainState], place: dict) -> None:
+    first = make(0)
     take_steps(first, 3)
     saved = copy.deepcopy(first.state_dict())
     assert set(saved) == FORMAT_1_KEYS and saved["format_version"] == FORMAT_VERSION == 1
-    assert (saved["step"], saved["loader"]) == (3, {"position": 3 * 2 * 8})
+    assert (saved["step"], saved["loader"]) == (3, place)
     expected = take_steps(first, 4)  # the uninterrupted run
 
-    second = new_state(seed=1)  # other initial weights, RNG and position: all must be replaced
+    second = make(1)  # other initial weights, RNG and position: all must be replaced
     second.load_state_dict(saved)
     assert (second.step, second.loss) == (3, saved["loss"])
     assert torch.equal(torch.get_rng_state(), saved["rng"]["cpu"])  # dropout would continue its stream
@@ -138,3 +154,18 @@ def test_malformed_fields_are_one_line_checkpoint_errors(case: str) -> None:
     with pytest.raises(CheckpointError, match=re.escape(message)) as failure:
         new_state(seed=1).load_state_dict(state, "snapshot.pt")
     assert "\n" not in str(failure.value) and str(failure.value).startswith("snapshot.pt")
+
+
+@pytest.mark.parametrize(
+    ("loader", "message"),
+    [
+        ({"position": 48}, "its loader shard is None, not one of the input's 2 shards"),
+        ({"shard": 0, "offset": 2000, "epoch": 0}, "its loader offset is 2000, not a place in train_000000.bin's 2000"),
+        ({"shard": 1, "offset": 16, "epoch": "1"}, "its loader epoch is '1', not a whole number >= 0"),
+    ],
+)
+def test_a_shard_place_that_is_not_one_is_a_one_line_checkpoint_error(loader: dict, message: str) -> None:
+    state = {**shard_state(seed=0).state_dict(), "loader": loader}
+    with pytest.raises(CheckpointError, match=re.escape(message)) as failure:
+        shard_state(seed=1).load_state_dict(state, "snapshot.pt")
+    assert "\n" not in str(failure.value) and str(failure.value).startswith("snapshot.pt is damaged")

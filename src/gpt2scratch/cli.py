@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, ServeConfig, TrainConfig
+from .config import (
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    PlotConfig,
+    PrepareConfig,
+    SamplingConfig,
+    ServeConfig,
+    TrainConfig,
+)
 from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
 
 if typing.TYPE_CHECKING:
@@ -35,6 +44,7 @@ COMMANDS = (
     ("eval", EvalConfig, "measure a model: perplexity on a text, accuracy on HellaSwag-style questions"),
     ("plot", PlotConfig, "draw the loss, learning-rate and speed curves of runs in a PNG"),
     ("serve", ServeConfig, "serve a model over HTTP: OpenAI-compatible completions, batched across requests"),
+    ("prepare", PrepareConfig, "tokenize text, JSON lines, Parquet or a datasets folder into token shards"),
 )
 
 
@@ -75,10 +85,12 @@ def add_flags(parser: argparse.ArgumentParser, command: Any) -> None:
         if kind is bool:
             target.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
             continue
-        shown = "" if f.default is None else f" (default: {f.default})"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        shown = "" if f.default is None or required else f" (default: {f.default})"
         target.add_argument(
-            *flags, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text + shown
-        )
+            *flags, dest=f.name, type=kind, default=None if required else f.default, required=required,
+            choices=f.metadata.get("choices"), help=help_text + shown,
+        )  # fmt: skip
 
 
 def from_args(command: Callable[..., T], args: argparse.Namespace) -> T:
@@ -131,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_plot(from_args(PlotConfig, args))
         if args.command == "serve":
             return run_serve(from_args(ServeConfig, args))
+        if args.command == "prepare":
+            return run_prepare(from_args(PrepareConfig, args))
         return run_export(from_args(ExportConfig, args))
     except Interrupted as err:
         # Nothing is left to stop: a further Ctrl-C while the interpreter shuts down must not turn exit 130 into a
@@ -204,7 +218,7 @@ class ProgressBar:
         self.desc, self.unit, self.least = desc, unit, least
         self._bar: Any = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, note: str = "") -> None:
         if self._bar is None:
             if total < self.least:
                 return
@@ -213,6 +227,8 @@ class ProgressBar:
             scale = self.unit == "B"
             self._bar = tqdm(total=total, unit=self.unit, unit_scale=scale, desc=self.desc, file=sys.stderr)
         self._bar.n = done
+        if note:
+            self._bar.set_postfix_str(note, refresh=False)
         self._bar.refresh()
         if done >= total:
             self.close()
@@ -262,6 +278,22 @@ def run_plot(cfg: PlotConfig) -> int:
 
     plot_runs(cfg.runs, Path(cfg.output))
     print(f"wrote {cfg.output}")
+    return 0
+
+
+def run_prepare(cfg: PrepareConfig) -> int:
+    from .prepare import prepare
+
+    bar = ProgressBar("preparing")
+    try:
+        result = prepare(cfg, bar)
+    finally:
+        bar.close()
+    done = "already prepared" if result.already else "wrote"
+    print(
+        f"{done} {result.out}: {len(result.shards)} shards, {result.train_tokens:,} train and {result.val_tokens:,} "
+        f"val tokens from {result.documents:,} documents (manifest.json lists them with their sha256)"
+    )
     return 0
 
 

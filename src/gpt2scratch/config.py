@@ -1,6 +1,7 @@
 """Typed configuration: the model's shape (``GPTConfig``), its named presets, and one dataclass per command
 (``TrainConfig``, ``GenerateConfig`` with its ``SamplingConfig``, ``EvalConfig``, ``ExportConfig``, ``PlotConfig``,
-``ServeConfig``; ``ModelSource`` is the --checkpoint/--pretrained pair that generate, eval and serve share).
+``ServeConfig``, ``PrepareConfig``; ``ModelSource`` is the --checkpoint/--pretrained pair that generate, eval and
+serve share).
 
 Configuration flows one way: the CLI makes each command's flags from its dataclass, parses ``argv`` into it, and
 hands it to the training or generation code. A command's dataclass validates itself once, when it is built. Each
@@ -92,7 +93,15 @@ class TrainConfig:
     """Everything a training run is told. Field names are the CLI flags (``batch_size`` -> ``--batch-size``)."""
 
     input: str | None = field(
-        default=None, metadata=_opt("a text file, a directory of .txt files or a glob (default: input.txt)")
+        default=None,
+        metadata=_opt(
+            "a text file, a directory of .txt files or a glob; a .jsonl/.jsonl.gz/.parquet file; or a directory of "
+            "token shards, train_*.bin and val_*.bin (default: input.txt)"
+        ),
+    )
+    text_field: str = field(default="text", metadata=_opt("the field of a .jsonl/.parquet input that holds the text"))
+    shuffle_shards: bool = field(
+        default=False, metadata=_opt("read the shards of each epoch in an order drawn from --seed and the epoch")
     )
     data: str | None = field(
         default=None, metadata=_opt("train on a built-in corpus instead of --input: shakespeare", choices=None)
@@ -177,6 +186,8 @@ class TrainConfig:
             raise UsageError(f"--target-loss must be a number, got {self.target_loss}")
         if self.input == "":
             raise UsageError("--input must not be empty; give a text file, a directory of .txt files or a glob")
+        if not self.text_field:
+            raise UsageError("--text-field must not be empty; give the field that holds the text (default: text)")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -373,6 +384,43 @@ class ServeConfig:
             raise UsageError(f"--shutdown-timeout must be zero or a positive number, got {self.shutdown_timeout}")
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("--api-key must not be empty")
+
+
+MAX_SHARD_TOKENS = 2**31 - 1  # a shard's header holds its token count as an int32
+DOCUMENT_INPUTS = ".txt (a document each), .jsonl(.gz), .parquet, .arrow files, datasets.save_to_disk folders, or dirs"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``gpt2-scratch prepare``: documents (text, JSON lines, Parquet, a datasets folder) tokenized into llm.c's token
+    shards, which ``train --input DIR`` reads."""
+
+    inputs: list[str] = field(metadata=_opt(DOCUMENT_INPUTS, positional=True, nargs="+"))
+    out: str = field(metadata=_opt("the directory for the shards and manifest.json"))
+    text_field: str = field(default="text", metadata=_opt("the JSON field or Parquet/Arrow column holding the text"))
+    shard_tokens: int = field(default=100_000_000, metadata=_opt("tokens per shard"))
+    val_tokens: int = field(default=0, metadata=_opt("the first N tokens go to val_000000.bin, the rest to train_*"))
+    workers: int | None = field(
+        default=None, metadata=_opt("threads or processes that tokenize (default: one per core)")
+    )
+    parallel: str = field(
+        default="auto",
+        metadata=_opt(
+            "threads, processes, or auto: time both on the first 4 MB of text and keep the faster",
+            choices=("auto", "threads", "processes"),
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for name, lowest in (("shard_tokens", 1), ("val_tokens", 0)):
+            if not lowest <= getattr(self, name) <= MAX_SHARD_TOKENS:
+                raise UsageError(f"{flag(name)} must be in [{lowest}, {MAX_SHARD_TOKENS}], got {getattr(self, name)}")
+        if self.workers is not None and self.workers <= 0:
+            raise UsageError(f"--workers must be a positive integer, got {self.workers}")
+        if not self.text_field:
+            raise UsageError("--text-field must not be empty; give the field that holds the text (default: text)")
+        if not self.out:
+            raise UsageError("--out must not be empty; give the directory for the shards")
 
 
 def flag(name: str, command: type = TrainConfig) -> str:

@@ -142,8 +142,8 @@ def refuse_to_resume_over(out_dir: Path, source: Path, step: int) -> None:
 class OutDirLock:
     """An exclusive lock on an out dir, so two runs never write into one. The OS drops it when the process dies."""
 
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / LOCK_NAME
+    def __init__(self, out_dir: Path, command: str = "training", flag: str = "--out-dir"):
+        self.path, self.command, self.flag = out_dir / LOCK_NAME, command, flag
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -154,8 +154,8 @@ class OutDirLock:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise OutDirError(
-                f"{self.path.parent} is in use by a running training (pid {owner}); wait for it, stop it, "
-                "or use another --out-dir"
+                f"{self.path.parent} is in use by a running {self.command} (pid {owner}); wait for it, stop it, "
+                f"or use another {self.flag}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)

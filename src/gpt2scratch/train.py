@@ -22,7 +22,7 @@ import torch
 from . import distributed, outdir, plot
 from .checkpoint import SnapshotWriter, all_finite, check_free_space, read_checkpoint
 from .config import GPTConfig, SamplingConfig, TrainConfig
-from .data import Progress, TokenLoader, prepare_corpus
+from .data import Progress, make_loader, prepare_corpus
 from .device import autocast, configure_matmul, keep_freed_memory, pick_device, pick_dtype
 from .distributed import World
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, UsageError
@@ -31,6 +31,7 @@ from .generate import available_memory, prompt_ids
 from .metrics import MetricsLog, progress_line
 from .model import GPT
 from .optim import lr_at, make_optimizer
+from .shards import ShardSet
 from .signals import StopSignals
 from .tokenizer import check_vocabulary
 from .trainstate import TrainState, allowed_changes, check_identity
@@ -99,7 +100,9 @@ def set_up(
         model=model,
         optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),  # bf16 needs no scaling
-        loader=TokenLoader(corpus.train, cfg.batch_size, cfg.seq_len, world.rank, world.size),
+        loader=make_loader(
+            corpus.train, cfg.batch_size, cfg.seq_len, world.rank, world.size, cfg.seed if cfg.shuffle_shards else None
+        ),
         corpus=corpus,
         world=world,
         device=device,
@@ -109,7 +112,7 @@ def set_up(
     if resume is not None:
         changes = check_identity(cfg, resume, resume_path, world, corpus.sha256, allowed)
         if "input" in changes:
-            resume = {**resume, "loader": {"position": 0}}  # another text: start at its beginning
+            resume = {**resume, "loader": state.loader.state_dict()}  # another input: start at its beginning
         state.load_state_dict(resume, f"the checkpoint {resume_path}")
         if changes:
             state.changes.append({"step": state.step, "changed": changes})
@@ -306,10 +309,10 @@ def evaluate_now(state: TrainState, questions: list[Choice] | None) -> dict[str,
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, tokens: np.ndarray, state: TrainState) -> float:
-    """Mean loss over the first ``eval_batches`` windows of the validation tokens."""
+def validation_loss(model: torch.nn.Module, tokens: np.ndarray | ShardSet, state: TrainState) -> float:
+    """Mean loss over the first ``eval_batches`` windows of the validation tokens (or shards)."""
     cfg = state.cfg
-    loader = TokenLoader(tokens, cfg.batch_size, cfg.seq_len)
+    loader = make_loader(tokens, cfg.batch_size, cfg.seq_len)
     model.eval()
     total = torch.zeros((), device=state.device)
     for _ in range(cfg.eval_batches):

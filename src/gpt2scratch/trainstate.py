@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .checkpoint import FORMAT_VERSION, load_weights
 from .config import TrainConfig
-from .data import Corpus, TokenLoader
+from .data import Corpus, Loader
 from .distributed import World, gather_objects
 from .errors import CheckpointError, UsageError
 from .model import GPT
@@ -48,6 +48,7 @@ IDENTITY = {
     "grad_clip": "--grad-clip",
     "dropout": "--dropout",
     "seed": "--seed",
+    "shuffle_shards": "--shuffle-shards",
     "world_size": "the number of processes",
 }
 
@@ -136,7 +137,7 @@ class TrainState:
     model: GPT  # the plain module (never the DDP or compiled wrapper), so checkpoint keys are the model's own
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    loader: TokenLoader
+    loader: Loader
     corpus: Corpus
     world: World
     device: torch.device
@@ -191,7 +192,7 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
         """Put the run where ``state`` (a checkpoint as ``state_dict`` made it) left it; CheckpointError, naming
         the field, if it lacks what resuming needs or a field is malformed."""
-        check_resumable(state, source, len(self.loader.tokens))
+        check_resumable(state, source, self.loader)
         load_weights(self.model, state["model_state_dict"], source)
         self.step, self.loss = state["step"], float(state["loss"])
         metadata = state.get("metadata")
@@ -211,7 +212,7 @@ class TrainState:
                 self.scaler.load_state_dict(state["scaler"])
 
 
-def check_resumable(state: dict[str, Any], source: str, num_tokens: int) -> None:
+def check_resumable(state: dict[str, Any], source: str, loader: Loader) -> None:
     """CheckpointError naming the first field that resuming needs and ``state`` lacks or holds malformed."""
     missing = [key for key in RESUMABLE if key not in state]
     if missing:
@@ -223,14 +224,14 @@ def check_resumable(state: dict[str, Any], source: str, num_tokens: int) -> None
     def bad(field: str, why: str) -> CheckpointError:
         return CheckpointError(f"{source} is damaged: its {field} {why}; resume from another snapshot")
 
-    step, loss, loader = state["step"], state["loss"], state["loader"]
+    step, loss = state["step"], state["loss"]
     if type(step) is not int or step < 0:
         raise bad("step", f"is {step!r}, not a whole number >= 0")
     if type(loss) not in (int, float) or not (math.isfinite(loss) or step == 0):  # no step yet: no loss
         raise bad("loss", f"is {loss!r}, not a finite number")
-    position = loader.get("position") if isinstance(loader, dict) else None
-    if type(position) is not int or not 0 <= position < num_tokens:
-        raise bad("loader position", f"is {position!r}, not a place in the input's {num_tokens} tokens")
+    problem = loader.state_problem(state["loader"])  # the loader knows its own state: a position, or a shard's
+    if problem is not None:
+        raise bad(*problem)
     optimizer = state["optimizer_state_dict"]
     if not isinstance(optimizer, dict) or not optimizer.get("param_groups") or "state" not in optimizer:
         raise bad("optimizer_state_dict", "holds no optimizer state")
