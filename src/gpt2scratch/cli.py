@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, TrainConfig
+from .config import (
+    ConsolidateConfig,
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    PlotConfig,
+    SamplingConfig,
+    TrainConfig,
+)
 from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
 
 if typing.TYPE_CHECKING:
@@ -34,6 +42,7 @@ COMMANDS = (
     ("export", ExportConfig, "write a checkpoint as a transformers model directory"),
     ("eval", EvalConfig, "measure a model: perplexity on a text, accuracy on HellaSwag-style questions"),
     ("plot", PlotConfig, "draw the loss, learning-rate and speed curves of runs in a PNG"),
+    ("consolidate", ConsolidateConfig, "write a sharded snapshot (--parallel fsdp) as one checkpoint file"),
 )
 
 
@@ -127,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_eval(from_args(EvalConfig, args))
         if args.command == "plot":
             return run_plot(from_args(PlotConfig, args))
+        if args.command == "consolidate":
+            return run_consolidate(from_args(ConsolidateConfig, args))
         return run_export(from_args(ExportConfig, args))
     except Interrupted as err:
         # Nothing is left to stop: a further Ctrl-C while the interpreter shuts down must not turn exit 130 into a
@@ -254,14 +265,23 @@ def run_plot(cfg: PlotConfig) -> int:
     return 0
 
 
+def run_consolidate(cfg: ConsolidateConfig) -> int:
+    from .sharded import consolidate
+
+    state = consolidate(Path(cfg.snapshot), Path(cfg.output), cfg.force)
+    print(f"wrote {cfg.output} (step {state['step']}); resume with --resume {shlex.quote(cfg.output)}")
+    return 0
+
+
 def run_export(cfg: ExportConfig) -> int:
-    from .checkpoint import model_from_checkpoint, read_checkpoint
+    from .checkpoint import model_from_checkpoint
     from .convert import export
+    from .sharded import is_snapshot, load_checkpoint
 
     path = Path(cfg.checkpoint)
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory; export takes a checkpoint file written by train")
-    model = model_from_checkpoint(read_checkpoint(path), str(path))
+    if path.is_dir() and not is_snapshot(path):
+        raise UsageError(f"{path} is a directory; export takes a checkpoint file or sharded snapshot written by train")
+    model = model_from_checkpoint(load_checkpoint(path), str(path))
     out = Path(cfg.out_dir)
     export(model, out, force=cfg.force)
     print(f"wrote {out} (load it with transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
