@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 from . import __version__
 from .config import (
+    ConsolidateConfig,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
@@ -297,14 +298,23 @@ def run_prepare(cfg: PrepareConfig) -> int:
     return 0
 
 
+def run_consolidate(cfg: ConsolidateConfig) -> int:
+    from .sharded import consolidate
+
+    state = consolidate(Path(cfg.snapshot), Path(cfg.output), cfg.force)
+    print(f"wrote {cfg.output} (step {state['step']}); resume with --resume {shlex.quote(cfg.output)}")
+    return 0
+
+
 def run_export(cfg: ExportConfig) -> int:
-    from .checkpoint import model_from_checkpoint, read_checkpoint
+    from .checkpoint import model_from_checkpoint
     from .convert import export
+    from .sharded import is_snapshot, load_checkpoint
 
     path = Path(cfg.checkpoint)
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory; export takes a checkpoint file written by train")
-    model = model_from_checkpoint(read_checkpoint(path), str(path))
+    if path.is_dir() and not is_snapshot(path):
+        raise UsageError(f"{path} is a directory; export takes a checkpoint file or sharded snapshot written by train")
+    model = model_from_checkpoint(load_checkpoint(path), str(path))
     out = Path(cfg.out_dir)
     export(model, out, force=cfg.force)
     print(f"wrote {out} (load it with transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")

@@ -1,7 +1,7 @@
 """Typed configuration: the model's shape (``GPTConfig``), its named presets, and one dataclass per command
 (``TrainConfig``, ``GenerateConfig`` with its ``SamplingConfig``, ``EvalConfig``, ``ExportConfig``, ``PlotConfig``,
-``ServeConfig``, ``PrepareConfig``; ``ModelSource`` is the --checkpoint/--pretrained pair that generate, eval and
-serve share).
+``ServeConfig``, ``PrepareConfig``, ``ConsolidateConfig``; ``ModelSource`` is the --checkpoint/--pretrained pair that
+generate, eval and serve share).
 
 Configuration flows one way: the CLI makes each command's flags from its dataclass, parses ``argv`` into it, and
 hands it to the training or generation code. A command's dataclass validates itself once, when it is built. Each
@@ -148,6 +148,17 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
     dtype: str = field(default="auto", metadata=_opt("auto, float32, bfloat16 or float16", choices=TRAIN_DTYPES))
     compile: bool = field(default=False, metadata=_opt("torch.compile the model (costs ~20-30 s of warm-up)"))
+    parallel: str = field(
+        default="ddp",
+        metadata=_opt(
+            "under torchrun: ddp (every rank holds the whole model) or fsdp (weights, gradients and optimizer state "
+            "sharded across ranks; snapshots become directories written by every rank)",
+            choices=("ddp", "fsdp"),
+        ),
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata=_opt("recompute each block's activations in backward: less memory, more compute")
+    )
     seed: int = field(default=1337, metadata=_opt("random seed for initialisation and dropout"))
     log_interval: int = field(default=1, metadata=_opt("steps between progress lines"))
     tensorboard: bool = field(
@@ -198,6 +209,8 @@ class TrainConfig:
             raise UsageError("give either --input or --data, not both")
         if self.dtype not in TRAIN_DTYPES:  # float64 is offered to inference only
             raise UsageError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise UsageError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # now, not after tokenizing
@@ -330,6 +343,16 @@ class ExportConfig:
     force: bool = field(
         default=False, metadata=_opt("replace OUT_DIR if it is a model directory already (its files are deleted)")
     )
+
+
+@dataclass(frozen=True)
+class ConsolidateConfig:
+    """``gpt2-scratch consolidate``: a sharded snapshot (a directory written under --parallel fsdp) as one checkpoint
+    file, which every command reads and training resumes from."""
+
+    snapshot: str = field(metadata=_opt("a sharded snapshot: OUT/snapshots/snapshot_step_N/", positional=True))
+    output: str = field(metadata=_opt("the checkpoint file to write, e.g. snapshot_step_N.pt", positional=True))
+    force: bool = field(default=False, metadata=_opt("replace OUTPUT if it is a file already"))
 
 
 @dataclass(frozen=True)

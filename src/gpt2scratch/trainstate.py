@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .checkpoint import FORMAT_VERSION, load_weights
+from . import __version__, parallel
+from .checkpoint import FORMAT_VERSION
 from .config import TrainConfig
 from .data import Corpus, Loader
 from .distributed import World, gather_objects
@@ -53,6 +53,12 @@ IDENTITY = {
 }
 
 
+# How a step's batch is split: rows per micro-batch, micro-batches, processes. Changed together so that their product
+# (the sequences one step trains on) stays the same, they make the same run on another number of processes (what a
+# resharding resume does), so such a change needs no --allow-changed; it is still recorded.
+BATCH_SPLIT = ("batch_size", "grad_accum", "world_size")
+
+
 def run_identity(args: dict[str, Any], input_sha256: str | None, world_size: int | None) -> dict[str, Any]:
     """The identity of a run from its flags (``TrainConfig.to_dict()``, or a checkpoint's ``train_args``), the
     sha256 of its input and its number of processes. Values a checkpoint does not record are None (not compared)."""
@@ -68,6 +74,19 @@ def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str
         for name in IDENTITY
         if saved.get(name) is not None and current.get(name) is not None and saved[name] != current[name]
     }
+
+
+def same_batch_split(saved: dict[str, Any], current: dict[str, Any]) -> set[str]:
+    """The fields of BATCH_SPLIT in which two identities differ while the product of all three is the same: the same
+    global batch over another split. Empty when a product is unknown or the products differ."""
+
+    def product(values: dict[str, Any]) -> int | None:
+        factors = [values.get(name) for name in BATCH_SPLIT]
+        return math.prod(factors) if all(type(f) is int for f in factors) else None  # type: ignore[arg-type]
+
+    if product(saved) is None or product(saved) != product(current):
+        return set()
+    return {name for name in BATCH_SPLIT if saved[name] != current[name]}
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -106,13 +125,15 @@ def check_identity(
     allowed: set[str],
 ) -> dict[str, list[Any]]:
     """The identity fields in which this run differs from the checkpoint's; UsageError naming each that
-    --allow-changed does not allow. ``input_sha256`` None: the input is not compared (not hashed yet)."""
+    --allow-changed does not allow (nor BATCH_SPLIT's rule). ``input_sha256`` None: the input is not compared (not
+    hashed yet)."""
     metadata, args = checkpoint.get("metadata"), checkpoint.get("train_args")
     metadata = metadata if isinstance(metadata, dict) else {}
     args = args if isinstance(args, dict) else {}
     saved = run_identity(args, metadata.get("input_sha256"), metadata.get("world_size"))
-    changes = identity_changes(saved, run_identity(cfg.to_dict(), input_sha256, world.size))
-    refused = [name for name in changes if name not in allowed]
+    current = run_identity(cfg.to_dict(), input_sha256, world.size)
+    changes = identity_changes(saved, current)
+    refused = [name for name in changes if name not in allowed | same_batch_split(saved, current)]
     if refused:
 
         def describe(name: str) -> str:
@@ -152,15 +173,17 @@ class TrainState:
         cfg = self.cfg
         return cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world.size
 
-    def state_dict(self, kind: str = "snapshot") -> dict[str, Any]:
+    def state_dict(self, kind: str = "snapshot", full: bool = True) -> dict[str, Any]:
         """The checkpoint of this step. Every rank must call it (it gathers every rank's RNG state, so that each
-        continues its own dropout stream after a resume); rank 0 writes what it returns."""
+        continues its own dropout stream after a resume); rank 0 writes what it returns. Under FSDP, ``full`` gathers
+        the weights and optimizer state whole onto rank 0, and ``full`` False gives each rank's shards, keyed by
+        parameter name, for a sharded snapshot (parallel.py); elsewhere both are the module's and optimizer's own."""
         rngs = gather_objects(rng_state(self.device), self.world)
         return {
             "format_version": FORMAT_VERSION,
             "kind": kind,  # "snapshot" or "final"
-            "model_state_dict": self.model.state_dict(),
-            "optimizer_state_dict": self.optimizer.state_dict(),
+            "model_state_dict": parallel.model_state_dict(self.model, full),
+            "optimizer_state_dict": parallel.optimizer_state_dict(self.model, self.optimizer, full),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "config": self.model.config.to_dict(),
             "step": self.step,
@@ -193,13 +216,13 @@ class TrainState:
         """Put the run where ``state`` (a checkpoint as ``state_dict`` made it) left it; CheckpointError, naming
         the field, if it lacks what resuming needs or a field is malformed."""
         check_resumable(state, source, self.loader)
-        load_weights(self.model, state["model_state_dict"], source)
+        parallel.load_model_state_dict(self.model, state["model_state_dict"], source)
         self.step, self.loss = state["step"], float(state["loss"])
         metadata = state.get("metadata")
         changes = metadata.get("changed_on_resume") if isinstance(metadata, dict) else None
         self.changes = list(changes) if isinstance(changes, list) else []
         with _as_checkpoint_error(source, "optimizer_state_dict", "does not fit this model's optimizer"):
-            self.optimizer.load_state_dict(state["optimizer_state_dict"])
+            parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer_state_dict"])
         self.loader.load_state_dict(state["loader"])
         per_rank = state.get("rng_per_rank")
         with _as_checkpoint_error(source, "rng", "is not a random generator state"):
