@@ -46,6 +46,7 @@ COMMANDS = (
     ("plot", PlotConfig, "draw the loss, learning-rate and speed curves of runs in a PNG"),
     ("serve", ServeConfig, "serve a model over HTTP: OpenAI-compatible completions, batched across requests"),
     ("prepare", PrepareConfig, "tokenize text, JSON lines, Parquet or a datasets folder into token shards"),
+    ("consolidate", ConsolidateConfig, "write a sharded snapshot (--parallel fsdp) as one checkpoint file"),
 )
 
 
@@ -146,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(from_args(ServeConfig, args))
         if args.command == "prepare":
             return run_prepare(from_args(PrepareConfig, args))
+        if args.command == "consolidate":
+            return run_consolidate(from_args(ConsolidateConfig, args))
         return run_export(from_args(ExportConfig, args))
     except Interrupted as err:
         # Nothing is left to stop: a further Ctrl-C while the interpreter shuts down must not turn exit 130 into a
