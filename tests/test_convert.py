@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, digest, file_size_limit, run_cli, skip_without, temporaries
+from conftest import TINY, assert_one_line_error, digest, file_size_limit, run_cli, skip_without, temporaries
 
 from gpt2scratch.checkpoint import FORMAT_VERSION
 from gpt2scratch.config import GPTConfig
@@ -289,6 +289,59 @@ def test_force_replaces_only_a_model_directory(tmp_path: Path) -> None:
         export(random_model(SMALL), run / "final_model.pt", force=True)
 
 
+def _files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): digest(p) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_force_does_not_delete_a_working_directory_holding_a_config_json(tmp_path: Path) -> None:
+    """The sweep: `export CK . --force` in a training run's directory that held a config.json replaced the whole
+    directory (final_model.pt, input.txt, snapshots/ deleted)."""
+    (tmp_path / "snapshots").mkdir()
+    for name in ("config.json", "final_model.pt", "input.txt", "snapshots/snapshot_step_10.pt"):
+        (tmp_path / name).write_text(name)
+    write_checkpoint(random_model(SMALL), tmp_path / "final_model.pt")
+    before = _files(tmp_path)
+    result = run_cli("export", "final_model.pt", ".", "--force", cwd=tmp_path)
+    assert_one_line_error(result.returncode, result.stderr, 1, "holds files an export does not write")
+    assert "final_model.pt, input.txt, snapshots" in result.stderr
+    assert _files(tmp_path) == before
+
+
+def test_force_does_not_delete_the_checkpoint_being_exported(tmp_path: Path) -> None:
+    """The sweep: `export hf/final_model.pt hf --force` deleted the checkpoint it exported. Also under a name that a
+    model directory may hold (pytorch_model.bin), which the list of a model's files alone would let through."""
+    hf = tmp_path / "hf"
+    export(random_model(SMALL), hf)
+    for name in ("final_model.pt", "pytorch_model.bin"):
+        write_checkpoint(random_model(SMALL), hf / name)
+        before = _files(hf)
+        result = run_cli("export", f"hf/{name}", "hf", "--force", cwd=tmp_path)
+        assert result.returncode == 1 and _files(hf) == before, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        (hf / name).unlink()
+    assert "holds the checkpoint being exported (hf/pytorch_model.bin)" in result.stderr
+    assert "holds files an export does not write (final_model.pt)" not in result.stderr
+
+
+def test_force_replaces_a_model_directory_but_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hf = tmp_path / "hf"
+    export(random_model(SMALL), hf)
+    (hf / "special_tokens_map.json").write_text("{}")  # what save_pretrained adds: still a model directory
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"shard")
+    model = random_model(OTHER_VOCABULARY)
+    monkeypatch.chdir(hf)
+    with pytest.raises(OutDirError, match=r"\. is the working directory, which --force would delete"):
+        export(model, Path("."), force=True)
+    assert (hf / "special_tokens_map.json").exists()
+    monkeypatch.chdir(tmp_path)
+    export(model, Path("hf"), force=True)
+    assert {p.name for p in hf.iterdir()} == {"config.json", "model.safetensors", "generation_config.json"}
+    assert json.loads((hf / "config.json").read_text())["vocab_size"] == 1000
+    assert not temporaries(tmp_path)
+
+
 def test_export_on_a_full_disk_changes_nothing(tmp_path: Path) -> None:
     """A write that fails (here past a file size limit) is one OutDirError; no half-written directory is left under
     the final name or a temporary one, and a directory that --force would replace is still the old one."""
@@ -397,6 +450,24 @@ def test_invalid_config_json(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]", r"config\.json holds an array, not a JSON object of settings"),
+        ('"gpt2"', r"config\.json holds a string, not a JSON object"),
+        (json.dumps(tiny_hf_config(n_embd=None)), r"config\.json: model config: n_embd must be a positive integer"),
+        (json.dumps(tiny_hf_config(n_layer="2")), r"config\.json: model config: n_layer must be a positive integer"),
+    ],
+    ids=["array", "string", "n_embd-null", "n_layer-text"],
+)
+def test_a_config_json_that_is_not_settings_is_one_error(content: str, message: str, tmp_path: Path) -> None:
+    """The sweep: a config.json holding a list was an internal AttributeError, a null n_embd a TypeError."""
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(GPT2ScratchError, match=message) as failure:
+        GPT.from_pretrained(str(tmp_path))
+    assert isinstance(failure.value, (CheckpointError, ConfigError)) and "\n" not in str(failure.value)
 
 
 def test_truncated_safetensors(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from conftest import ONE_THREAD, assert_one_line_error, run_cli
 
 from gpt2scratch import cli
-from gpt2scratch import generate as generation
+from gpt2scratch import device as device_module
 from gpt2scratch.config import GPTConfig, SamplingConfig
 from gpt2scratch.convert import export
 from gpt2scratch.errors import CheckpointError, UsageError
@@ -306,7 +306,8 @@ def test_library_refuses_a_model_of_another_vocabulary(other_vocabulary_dir: Pat
 
 def test_stream_seeds_wrap_at_the_end_of_the_range(run_main, hf_dir: Path, model: GPT) -> None:
     """Streamed sample i is seeded with seed + i: past 2**64 - 1 that starts again at 0 instead of crashing."""
-    args = ["--device", "cpu", "--stream", "--num-samples", "2", "--max-new-tokens", "3", "--seed", str(2**64 - 1)]
+    args = ["--device", "cpu", "--dtype", "float32", "--stream", "--num-samples", "2", "--max-new-tokens", "3"]
+    args += ["--seed", str(2**64 - 1)]  # fp32: the samples are compared with the fp32 model's
     code, out, err = run_main("generate", "--pretrained", str(hf_dir), *args)
     assert code == 0, err
     expected = [
@@ -321,7 +322,7 @@ def test_generation_that_does_not_fit_in_memory_is_refused(
 ) -> None:
     """The estimate (KV cache, logits, tokens) is compared with MemAvailable before anything is allocated."""
     meminfo = tmp_path / "meminfo"
-    monkeypatch.setattr(generation, "MEMINFO", meminfo)
+    monkeypatch.setattr(device_module, "MEMINFO", meminfo)
     meminfo.write_text("MemTotal:     2000000 kB\nMemAvailable: 1000000 kB\n")
     # 2,000 rows of fp32 logits with sampling's copies are 1.6 GB (the KV cache of this tiny model is 12 MB)
     message = r"--num-samples 2000 of 12 tokens needs about 1\.6\d GB .* the 1\.02 GB available"
@@ -331,5 +332,5 @@ def test_generation_that_does_not_fit_in_memory_is_refused(
     sampling = SamplingConfig(num_samples=3, max_new_tokens=4)
     with pytest.raises(UsageError, match="--num-samples 1 of 12 tokens"):
         next(stream_text(model, PROMPT, sampling))
-    monkeypatch.setattr(generation, "MEMINFO", tmp_path / "absent")  # not Linux: no check
+    monkeypatch.setattr(device_module, "MEMINFO", tmp_path / "absent")  # not Linux: no check
     assert len(generate_text(model, PROMPT, sampling)) == 3

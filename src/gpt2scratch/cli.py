@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 from . import __version__
 from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, TrainConfig
 from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
+from .signals import stopping_at_once
 
 if typing.TYPE_CHECKING:
     from .distributed import World as World
@@ -109,6 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 failure, 2 usage error, 130 interrupted)."""
     raw = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(raw)
+    with stopping_at_once():  # a training run installs its own handlers once it starts (signals.py)
+        try:
+            return _run(args, raw)
+        except Stopped as err:  # a signal that came while the command's own error was being reported
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+
+
+def _run(args: argparse.Namespace, raw: list[str]) -> int:
+    """Run the parsed command; a user's error becomes one line on stderr and its exit code."""
     from .distributed import World, from_env
 
     try:
@@ -179,7 +190,7 @@ def run_train(cfg: TrainConfig, world: World) -> int:
 
     bar = ProgressBar()
     try:
-        result = train(cfg, world, progress=bar if world.is_main else None)
+        result = train(cfg, world, progress=bar if world.is_main else None, at_exit=bar.close)
     finally:
         bar.close()
     if cfg.no_sample or not world.is_main:
@@ -263,7 +274,7 @@ def run_export(cfg: ExportConfig) -> int:
         raise UsageError(f"{path} is a directory; export takes a checkpoint file written by train")
     model = model_from_checkpoint(read_checkpoint(path), str(path))
     out = Path(cfg.out_dir)
-    export(model, out, force=cfg.force)
+    export(model, out, force=cfg.force, source=path)
     print(f"wrote {out} (load it with transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
     return 0
 
