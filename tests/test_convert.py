@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +18,9 @@ from conftest import TINY, assert_one_line_error, digest, file_size_limit, run_c
 from gpt2scratch.checkpoint import FORMAT_VERSION
 from gpt2scratch.config import GPTConfig
 from gpt2scratch.convert import export
-from gpt2scratch.errors import CheckpointError, ConfigError, GPT2ScratchError, OutDirError
+from gpt2scratch.errors import CheckpointError, ConfigError, GPT2ScratchError, OutDirError, Stopped
 from gpt2scratch.model import GPT
+from gpt2scratch.signals import stopping_at_once
 from gpt2scratch.tokenizer import encode
 
 needs_transformers = skip_without("transformers")
@@ -340,6 +345,32 @@ def test_force_replaces_a_model_directory_but_not_the_working_directory(
     assert {p.name for p in hf.iterdir()} == {"config.json", "model.safetensors", "generation_config.json"}
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == 1000
     assert not temporaries(tmp_path)
+
+
+def test_an_export_stopped_while_it_writes_leaves_nothing(tmp_path: Path) -> None:
+    """A SIGTERM while the weights are written (a real signal, sent once the temporary directory holds them):
+    neither the target nor a temporary directory is left. The handler is the command line's (signals.py)."""
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=256, block_size=64))  # 52 MB of weights: ~0.1 s or more
+    out = tmp_path / "hf"
+    weights = tmp_path / f".hf.tmp-{os.getpid()}" / "model.safetensors"
+
+    def stop_once_writing() -> None:
+        while not weights.exists():
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    thread = threading.Thread(target=stop_once_writing, daemon=True)
+    try:
+        with pytest.raises(Stopped, match="stopped by SIGTERM"), stopping_at_once():
+            thread.start()
+            export(model, out)
+            time.sleep(1)  # finished before the signal came: it is handled here, and the checks below fail
+    finally:
+        for sig, handler in previous.items():  # a stop leaves them ignored
+            signal.signal(sig, handler)
+    assert not out.exists(), "the export was not stopped while it wrote"
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
 
 
 def test_export_on_a_full_disk_changes_nothing(tmp_path: Path) -> None:

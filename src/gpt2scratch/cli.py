@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import logging
 import shlex
-import signal
 import sys
 import types
 import typing
@@ -21,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 from . import __version__
 from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, TrainConfig
 from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
-from .signals import stopping_at_once
+from .signals import ignore_stop_signals, stopping_at_once
 
 if typing.TYPE_CHECKING:
     from .distributed import World as World
@@ -114,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _run(args, raw)
         except Stopped as err:  # a signal that came while the command's own error was being reported
+            ignore_stop_signals()
             print(f"error: {err}", file=sys.stderr)
             return err.exit_code
 
@@ -140,16 +140,16 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
             return run_plot(from_args(PlotConfig, args))
         return run_export(from_args(ExportConfig, args))
     except Interrupted as err:
-        # Nothing is left to stop: a further Ctrl-C while the interpreter shuts down must not turn exit 130 into a
-        # death by signal (Python restores the default handlers during shutdown).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_stop_signals()  # nothing is left to stop: a further Ctrl-C must not turn exit 130 into a death by signal
         print(f"training stopped; snapshot: {err}; resume with: {_resume_command(raw, str(err))}", file=sys.stderr)
+        return err.exit_code
+    except Stopped as err:
+        ignore_stop_signals()
+        print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except GPT2ScratchError as err:
         if args.debug:
             raise
-        if isinstance(err, Stopped):  # as after Interrupted: a further Ctrl-C must not kill the exit itself
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -49,9 +49,10 @@ class Interrupted(GPT2ScratchError):
     exit_code = 130
 
 
-class Stopped(GPT2ScratchError):
+class Stopped(BaseException):
     """A signal stopped a command where there was nothing to save; exit code 128 + the signal. ``detail`` says what
-    the command was doing and what that means."""
+    the command was doing and what that means. Like KeyboardInterrupt, not an Exception: raised by a signal handler
+    wherever the program happens to be, it must not be swallowed by an ``except Exception`` on the way out."""
 
     def __init__(self, signum: int, detail: str = ""):
         import signal

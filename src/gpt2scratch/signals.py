@@ -32,7 +32,8 @@ BEFORE_FIRST_STEP = (
 @contextlib.contextmanager
 def _handled(handler: Callable[[int, Any], None], restore: Callable[[], bool]) -> Iterator[None]:
     """``handler`` for the stop signals the process does not ignore; the previous handlers come back at the end if
-    ``restore()`` says so. Only the main thread can set handlers: elsewhere nothing changes."""
+    ``restore()`` says so, where ``handler`` is still in place (one left on purpose by an inner block stays). Only
+    the main thread can set handlers: elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -45,7 +46,16 @@ def _handled(handler: Callable[[int, Any], None], restore: Callable[[], bool]) -
     finally:
         if restore():
             for sig, before in previous.items():
-                signal.signal(sig, before)
+                if signal.getsignal(sig) == handler:
+                    signal.signal(sig, before)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore every stop signal from now on: once a stop is reported, nothing may turn its exit code into a death
+    by signal (Python restores default handlers while it shuts down)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -53,16 +63,12 @@ def stopping_at_once(detail: str = "") -> Iterator[None]:
     """Until the end of the block, a stop signal raises ``Stopped`` (with ``detail`` in its message) and further ones
     are ignored, so that the unwinding it starts (removing temporaries) finishes; after a stop they stay ignored
     until the process ends."""
-    stopped = False
 
     def handle(signum: int, frame: Any) -> None:
-        nonlocal stopped
-        stopped = True
-        for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_stop_signals()
         raise Stopped(signum, detail)
 
-    with _handled(handle, restore=lambda: not stopped):
+    with _handled(handle, restore=lambda: True):
         yield
 
 
