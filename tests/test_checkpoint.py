@@ -20,7 +20,14 @@ import torch
 from conftest import SAMPLE_TEXT, TINY, RunsCommand, digest, file_size_limit, temporaries
 
 from gpt2scratch import device
-from gpt2scratch.checkpoint import FORMAT_VERSION, SnapshotWriter, all_finite, model_from_checkpoint, read_checkpoint
+from gpt2scratch.checkpoint import (
+    FORMAT_VERSION,
+    SnapshotWriter,
+    all_finite,
+    model_from_checkpoint,
+    read_checkpoint,
+    replace_atomically,
+)
 from gpt2scratch.convert import config_to_hf, model_from_hf_dir
 from gpt2scratch.errors import CheckpointError, OutDirError, UsageError
 from gpt2scratch.model import GPT
@@ -328,3 +335,16 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_it_is_built(
     )
     with pytest.raises(UsageError, match=message):
         model_from_checkpoint(checkpoint, "ck.pt")
+
+
+def test_a_write_that_fails_in_any_way_leaves_no_temporary(tmp_path: Path) -> None:
+    """The sweep: a failure other than an OSError (matplotlib's ValueError while drawing loss.png) left the
+    temporary file behind; so would a stop signal."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise ValueError("cannot draw")
+
+    with pytest.raises(ValueError, match="cannot draw"):
+        replace_atomically(tmp_path / "p.png", 0, write)
+    assert not list(tmp_path.iterdir())

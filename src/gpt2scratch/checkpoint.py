@@ -65,10 +65,11 @@ def replace_atomically(
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
         raise OutDirError(
             f"could not write {path}: {write_failure_reason(err)}; the previous files are intact"
         ) from err
+    finally:
+        tmp.unlink(missing_ok=True)  # renamed away after a success; after any failure or a stop, ours to remove
     fsync_dir(path.parent)
 
 

@@ -120,9 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, raw: list[str]) -> int:
     """Run the parsed command; a user's error becomes one line on stderr and its exit code."""
-    from .distributed import World, from_env
-
     try:
+        # The command's dataclass first: a bad flag is refused at once, before the second that importing torch takes.
+        cfg: Any = from_args(next(command for name, command, _ in COMMANDS if name == args.command), args)
+        from .distributed import World, from_env
+
         world = from_env() if args.command == "train" else World()  # only training runs as several processes
         logging.basicConfig(
             level=logging.INFO if world.is_main else logging.WARNING,
@@ -131,14 +133,14 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
             force=True,
         )
         if args.command == "train":
-            return run_train(from_args(TrainConfig, args), world)
+            return run_train(cfg, world)
         if args.command == "generate":
-            return run_generate(from_args(GenerateConfig, args))
+            return run_generate(cfg)
         if args.command == "eval":
-            return run_eval(from_args(EvalConfig, args))
+            return run_eval(cfg)
         if args.command == "plot":
-            return run_plot(from_args(PlotConfig, args))
-        return run_export(from_args(ExportConfig, args))
+            return run_plot(cfg)
+        return run_export(cfg)
     except Interrupted as err:
         ignore_stop_signals()  # nothing is left to stop: a further Ctrl-C must not turn exit 130 into a death by signal
         print(f"training stopped; snapshot: {err}; resume with: {_resume_command(raw, str(err))}", file=sys.stderr)
