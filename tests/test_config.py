@@ -152,6 +152,8 @@ def test_train_config_overrides_the_preset() -> None:
         ({"resume": ""}, "--resume must not be empty"),
         ({"init_from": ""}, "--init-from must not be empty"),
         ({"weight_decay": 1e30}, r"--weight-decay 1e\+30 with --lr 0\.0003 would zero or flip every weight"),
+        ({"grad_accum": 10**20}, r"--grad-accum must be below 2\*\*63, got 10{20}"),  # the sweep: an OverflowError
+        ({"max_steps": 2**63}, r"--max-steps must be below 2\*\*63"),
         ({"weight_decay": 5000.0}, r"keep it below 3333\.33"),  # the sweep: 1e30 failed only at step 2, as NaN
         ({"val_fraction": 1.0}, r"--val-fraction must be in \[0, 1\)"),
         ({"val_fraction": -0.1}, "--val-fraction"),

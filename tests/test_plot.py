@@ -165,3 +165,16 @@ def test_values_that_are_not_numbers_of_a_sane_size_are_not_drawn(tmp_path: Path
     result = run_cli("plot", "metrics.jsonl", "-o", "q.png", cwd=tmp_path)
     assert_one_line_error(result.returncode, result.stderr, 1, "holds no step yet")
     assert not (tmp_path / "q.png").exists() and not temporaries(tmp_path)
+
+
+@needs_matplotlib
+def test_a_run_without_a_drawable_loss_is_drawn_without_a_warning(tmp_path: Path) -> None:
+    """The sweep: a run whose every loss was NaN (it diverged at once) made matplotlib warn on stderr about an
+    empty legend."""
+    import warnings
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN, "lr": 0.001}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        by_step, _, lr, _ = plot_runs([tmp_path], tmp_path / "p.png").axes
+    assert by_step.get_legend() is None and not by_step.lines and len(lr.lines) == 1

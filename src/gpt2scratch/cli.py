@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import re
 import shlex
 import sys
 import types
@@ -123,6 +125,7 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
     try:
         # The command's dataclass first: a bad flag is refused at once, before the second that importing torch takes.
         cfg: Any = from_args(next(command for name, command, _ in COMMANDS if name == args.command), args)
+        _check_thread_count()
         from .distributed import World, from_env
 
         world = from_env() if args.command == "train" else World()  # only training runs as several processes
@@ -167,6 +170,17 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
             raise
         print(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _check_thread_count() -> None:
+    """UsageError for a malformed OMP_NUM_THREADS, before torch is imported: its OpenMP library reads the variable
+    as it loads and, on a value it cannot use, prints two lines of its own and picks a thread count itself."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is not None and not re.fullmatch(r"\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*", value):
+        raise UsageError(
+            f"OMP_NUM_THREADS={value!r} in the environment is not a number of threads; set it to a positive whole "
+            "number (or a comma-separated list of them), or unset it"
+        )
 
 
 def _resume_command(raw: list[str], snapshot: str) -> str:

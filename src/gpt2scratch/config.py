@@ -200,6 +200,7 @@ class TrainConfig:
             raise UsageError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # now, not after tokenizing
             raise UsageError('--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"')
+        _refuse_beyond_64_bits(self)
         model = self.model_config()
         if self.seq_len > model.block_size:
             raise UsageError(
@@ -226,6 +227,15 @@ def _refuse_empty(command: Any, *names: str) -> None:
     for name in names:
         if getattr(command, name) == "":
             raise UsageError(f"{flag(name, type(command))} must not be empty")
+
+
+def _refuse_beyond_64_bits(command: Any, *exempt: str) -> None:
+    """UsageError naming the first whole-number flag of 2**63 or more: torch computes with 64-bit integers (a
+    --grad-accum of 10**20 overflowed at the first step), and no count a run uses comes near."""
+    for f in dataclasses.fields(command):
+        value = getattr(command, f.name)
+        if f.name not in exempt and type(value) is int and abs(value) >= 2**63:
+            raise UsageError(f"{flag(f.name, type(command))} must be below 2**63, got {value}")
 
 
 SEEDS = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and negatives, which alias those)
@@ -262,6 +272,7 @@ class SamplingConfig:
             raise UsageError(f"--seed must be in [0, 2**64 - 1] (torch's generator seeds), got {self.seed}")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise UsageError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        _refuse_beyond_64_bits(self, "seed")  # seeds are 64-bit unsigned, checked above
 
 
 @dataclass(frozen=True)
@@ -331,6 +342,7 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        _refuse_beyond_64_bits(self)
 
 
 @dataclass(frozen=True)

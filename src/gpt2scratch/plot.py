@@ -93,7 +93,8 @@ def figure(runs: list[Run]) -> Figure:
         ax.grid(alpha=0.3)
         if not ax.lines:
             ax.text(0.5, 0.5, "not in these metrics", ha="center", va="center", transform=ax.transAxes)
-    by_step.legend()
+    if by_step.lines:  # records without a drawable loss: no legend (matplotlib warns on an empty one)
+        by_step.legend()
     return fig
 
 
