@@ -308,6 +308,14 @@ ENV_CASES = {
         "",
     ),
     "export-ignores-it": ({"WORLD_SIZE": "2"}, ("export", "snap.pt", "exported"), 0, ""),
+    # the sweep: libgomp printed two lines of its own, and the command went on
+    "omp-threads-not-a-number": (
+        {"OMP_NUM_THREADS": "abc"},
+        ("generate", "--checkpoint", "snap.pt"),
+        2,
+        r"^error: OMP_NUM_THREADS='abc' in the environment is not a number of threads",
+    ),
+    "omp-threads-empty": ({"OMP_NUM_THREADS": ""}, TRAIN, 2, r"OMP_NUM_THREADS='' in the environment"),
 }
 
 
