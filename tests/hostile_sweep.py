@@ -741,7 +741,8 @@ def environment_cases() -> list[Case]:
     for name, env in ENV_CASES.items():
         # A rank whose master never answers waits for it, as torch does (30 minutes): it must stop on SIGTERM.
         stop = [("", 8.0, signal.SIGTERM)] if name == "rank-1-no-rendezvous" else []
-        cases.append(Case("environment", f"train-{name}", list(TRAIN), text(), env=env, signals=stop))
+        codes = {143} if stop else None
+        cases.append(Case("environment", f"train-{name}", list(TRAIN), text(), codes, env=env, signals=stop))
     for name in ("world-size-abc", "world-size-2-no-rank", "rank-1-no-rendezvous", "omp-threads-abc"):
         env = ENV_CASES[name]
         ok = {2} if name == "omp-threads-abc" else {0}  # the others are torchrun's, which only train reads

@@ -334,3 +334,13 @@ def test_generation_that_does_not_fit_in_memory_is_refused(
         next(stream_text(model, PROMPT, sampling))
     monkeypatch.setattr(device_module, "MEMINFO", tmp_path / "absent")  # not Linux: no check
     assert len(generate_text(model, PROMPT, sampling)) == 3
+
+
+def test_samples_a_terminal_cannot_show_are_escaped_not_a_crash(tmp_path: Path, hf_dir: Path) -> None:
+    """The sweep: with an ASCII-only stdout (LC_ALL=C, PYTHONIOENCODING=ascii) printing a sample was an internal
+    UnicodeEncodeError."""
+    env = {"PYTHONIOENCODING": "ascii", "LC_ALL": "C", **ONE_THREAD}
+    args = ["--pretrained", str(hf_dir), "--prompt", "caf\u00e9 \u65e5", "--max-new-tokens", "2", "--num-samples", "1"]
+    result = run_cli("generate", *args, "--device", "cpu", cwd=tmp_path, env=env)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert "caf\\xe9 \\u65e5" in result.stdout

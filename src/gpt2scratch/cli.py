@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 failure, 2 usage error, 130 interrupted)."""
     raw = list(sys.argv[1:] if argv is None else argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a sample in a terminal that cannot show it: escaped, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(raw)
     with stopping_at_once():  # a training run installs its own handlers once it starts (signals.py)
         try:
