@@ -1,5 +1,6 @@
-"""The one home of shared test helpers and fixtures: tiny corpora and configs, running the real CLI, a session-wide
-trained snapshot, reading metrics, one-line error checks, a file size limit, and a malicious pickle."""
+"""The one home of shared test helpers and fixtures: tiny corpora and configs, running the real CLI (and torchrun), a
+session-wide trained snapshot and FSDP runs, a tiny training state, reading metrics, comparing runs, one-line error
+checks, a file size limit, a process group of one, and a malicious pickle."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from gpt2scratch.config import GPTConfig, TrainConfig
+
+if typing.TYPE_CHECKING:
+    from gpt2scratch.trainstate import TrainState
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,3 +159,130 @@ class RunsCommand:
 
     def __reduce__(self) -> tuple:
         return (os.system, (self.command,))
+
+
+# ---- several processes: torchrun, the FSDP runs the parallel and sharded tests share, comparing runs ----
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(options: list[str], *flags: str) -> list[str]:
+    """``torchrun OPTIONS train.py FLAGS`` as ``python -m torch.distributed.run``."""
+    return [sys.executable, "-m", "torch.distributed.run", *options, str(REPO / "train.py"), *flags]
+
+
+def torchrun(*flags: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 train.py FLAGS`` in ``cwd``, one thread per rank."""
+    command = torchrun_command(["--nproc_per_node=2", f"--master_port={free_port()}"], *flags)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **ONE_THREAD}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def train_py(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python train.py FLAGS`` in ``cwd``, one thread."""
+    return run_cli(*flags, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
+
+
+def assert_ran(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert "Traceback" not in result.stderr
+
+
+def assert_close_losses(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    """Two runs' metrics records: the same steps, losses within 1e-5."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+
+
+def assert_close_weights(a: Path, b: Path) -> None:
+    """Two checkpoints (files or sharded snapshots) hold the same weights to 1e-5."""
+    from gpt2scratch.sharded import load_checkpoint
+
+    wa, wb = load_checkpoint(a)["model_state_dict"], load_checkpoint(b)["model_state_dict"]
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5, msg=name)
+
+
+# The flags of the FSDP runs: a snapshot at steps 5 and 10, none pruned. Runs compared with each other differ only in
+# how the batch of 4 sequences a step is split (and in the options a test adds). --lr 1e-3: the key biases get no
+# gradient but rounding noise, which AdamW turns into steps of up to the learning rate, different for each split of
+# the batch; at 3e-3 they drifted 8.5e-6 apart in 10 steps (DDP as FSDP), at 1e-3 3.5e-6, well inside the 1e-5 asked.
+FSDP_FLAGS = [*TINY_TRAIN_FLAGS, "--lr", "1e-3", "--target-loss", "0", "--snapshot-interval", "5",
+              "--keep-snapshots", "0", "--max-steps", "10"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference runs of the FSDP tests, trained once per session in a folder holding input.txt: ``one/`` (one
+    process, -B 4) and ``fsdp/`` (two ranks under --parallel fsdp, -B 2), 10 steps each, snapshots at 5 and 10."""
+    cwd = tmp_path_factory.mktemp("fsdp")
+    (cwd / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    assert_ran(train_py(*FSDP_FLAGS, "-B", "4", "--out-dir", "one", cwd=cwd))
+    assert_ran(torchrun(*FSDP_FLAGS, "-B", "2", "--parallel", "fsdp", "--out-dir", "fsdp", cwd=cwd))
+    return cwd
+
+
+# ---- one process: a process group of its own (FSDP and DCP in this process), a tiny training state ----
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A gloo process group of this process alone (rank 0 of 1), so FSDP and DCP run in the test's process."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path_factory.mktemp("process_group") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def new_state(seed: int, sharded: bool = False) -> TrainState:
+    """A tiny model's training state on 4,000 tokens (-B 2 -T 8), its weights from ``seed``; with ``sharded``, FSDP2
+    over the ``process_group`` fixture's one rank."""
+    import numpy as np
+
+    from gpt2scratch.data import Corpus, TokenLoader
+    from gpt2scratch.distributed import World
+    from gpt2scratch.model import GPT
+    from gpt2scratch.optim import make_optimizer
+    from gpt2scratch.parallel import shard
+    from gpt2scratch.trainstate import TrainState
+
+    torch.manual_seed(seed)
+    model = GPT(TINY)
+    cpu = torch.device("cpu")
+    if sharded:
+        shard(model, World(0, 0, 1), cpu, torch.float32)
+    tokens = np.arange(4000, dtype=np.uint16) % TINY.vocab_size
+    return TrainState(
+        cfg=TrainConfig(preset="tiny", batch_size=2, seq_len=8),
+        model=model,
+        optimizer=make_optimizer(model),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loader=TokenLoader(tokens, 2, 8),
+        corpus=Corpus(tokens, None, "test", "0" * 64),
+        world=World(),
+        device=cpu,
+        dtype=torch.float32,
+    )
+
+
+def take_steps(state: TrainState, n: int) -> list[float]:
+    """``n`` optimizer steps of ``state``; their losses."""
+    losses = []
+    for _ in range(n):
+        x, y = state.loader.next_batch()
+        _, loss = state.model(x, y)
+        loss.backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        state.step += 1
+        state.loss = loss.item()
+        losses.append(state.loss)
+        torch.rand(1)  # the RNG moves on, as dropout would move it
+    return losses

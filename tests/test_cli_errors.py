@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, RunsCommand, digest, run_cli
@@ -248,6 +249,60 @@ CASES.update(
             r"no snapshot in damaged-run/snapshots loads \(snapshot_step_2\.pt: damaged.*--resume PATH",
         ),
         "hellaswag-empty": Case((*TRAIN, "--hellaswag", ""), 2, r"--hellaswag must not be empty"),
+    }
+)
+
+
+# Issue 12: token shards and prepare's inputs.
+def _shard(path: Path, magic: int = 20240520, count: int = 200, tokens: int = 200) -> None:
+    path.mkdir()
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = magic, 1, count
+    (path / "train_000000.bin").write_bytes(header.tobytes() + np.arange(tokens, dtype=np.uint16).tobytes())
+
+
+def _prepared(path: Path) -> None:
+    from gpt2scratch.config import PrepareConfig
+    from gpt2scratch.prepare import prepare
+
+    (path.parent / "one.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    prepare(PrepareConfig(inputs=[str(path.parent / "one.txt")], out=str(path), shard_tokens=100))
+
+
+FILES.update(
+    {
+        "badmagic": lambda path, snap: _shard(path, magic=20240521),
+        "truncated": lambda path, snap: _shard(path, count=200, tokens=150),
+        "malformed.jsonl": lambda path, snap: path.write_text('{"text": "a"}\n{"text": "b"\n'),
+        "nofield.jsonl": lambda path, snap: path.write_text('{"body": "a"}\n'),
+        "latin1.jsonl": lambda path, snap: path.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1")),
+        "garbage.parquet": lambda path, snap: path.write_bytes(b"PAR1 not parquet"),
+        "blank.jsonl": lambda path, snap: path.write_text("\n"),
+        "prepared": lambda path, snap: _prepared(path),
+    }
+)
+PREPARE = ("prepare", "--out", "shards")
+CASES.update(
+    {
+        "shard-bad-magic": Case(
+            (*TRAIN, "--input", "badmagic"), 1, r"train_000000\.bin is not a token shard: its header starts with 2024"
+        ),
+        "shard-count-disagrees": Case(
+            (*TRAIN, "--input", "truncated"), 1, r"train_000000\.bin is damaged: its header says 200 tokens"
+        ),
+        "prepare-malformed-json": Case((*PREPARE, "malformed.jsonl"), 1, r"malformed\.jsonl line 2 is not valid JSON"),
+        "prepare-missing-field": Case(
+            (*PREPARE, "nofield.jsonl"), 1, r"nofield\.jsonl line 1 has no field 'text' \(its fields: body\)"
+        ),
+        "prepare-not-utf8": Case((*PREPARE, "latin1.jsonl"), 1, r"latin1\.jsonl line 1 is not UTF-8 text"),
+        "prepare-bad-parquet": Case((*PREPARE, "garbage.parquet"), 1, r"cannot read garbage\.parquet as Parquet \("),
+        "prepare-empty": Case((*PREPARE, "blank.jsonl"), 1, r"the inputs \(blank\.jsonl\) hold no documents"),
+        "prepare-other-shards": Case(
+            ("prepare", "text.txt", "--out", "prepared"),
+            1,
+            r"prepared holds the shards of another prepare \(inputs .*; --shard-tokens 100, not 100000000\)",
+        ),
+        "prepare-no-out": Case(("prepare", "text.txt"), 2, r"the following arguments are required: --out"),
     }
 )
 

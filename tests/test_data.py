@@ -3,6 +3,8 @@ cache, and the B x T loader with its state."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import re
@@ -13,10 +15,11 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT
 
-from gpt2scratch import data
+from gpt2scratch import data, documents
 from gpt2scratch.config import TrainConfig
 from gpt2scratch.distributed import World
-from gpt2scratch.errors import DataError
+from gpt2scratch.errors import DataError, UsageError
+from gpt2scratch.shards import ShardLoader, ShardSet
 from gpt2scratch.tokenizer import EOT_TOKEN, get_encoding
 
 # Text that is hard to cut: Windows line ends, spaces before newlines, blank-line runs, non-Latin scripts, emoji,
@@ -90,9 +93,9 @@ def test_default_input_txt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 # ---- tokenize_files ----
 
 
-@pytest.mark.parametrize("chunk_chars", [7, 64, data.CHUNK_CHARS])
+@pytest.mark.parametrize("chunk_chars", [7, 64, documents.CHUNK_CHARS])
 def test_chunked_tokenizing_equals_one_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_chars: int) -> None:
-    monkeypatch.setattr(data, "CHUNK_CHARS", chunk_chars)
+    monkeypatch.setattr(documents, "CHUNK_CHARS", chunk_chars)
     text = (TRICKY_TEXT + SAMPLE_TEXT) * 5
     source = tmp_path / "in.txt"
     source.write_bytes(text.encode("utf-8"))  # bytes: no newline translation
@@ -105,7 +108,7 @@ def test_chunked_tokenizing_equals_one_call(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_several_files_are_joined_with_endoftext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(documents, "CHUNK_CHARS", 64)
     texts = [SAMPLE_TEXT, TRICKY_TEXT, "last file, no newline at the end"]
     files = []
     for i, text in enumerate(texts):
@@ -142,7 +145,7 @@ def test_bad_input_is_a_one_line_data_error(tmp_path: Path, content: bytes, mess
 def test_non_utf8_message_gives_the_offset_in_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bug: the offset is ``UnicodeDecodeError.start``, which counts from the start of the text decoder's current
     buffer (about 8 KB), not of the file; past the first buffer the message names the wrong byte."""
-    monkeypatch.setattr(data, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(documents, "CHUNK_CHARS", 64)
     good = b"line of text\n" * 2000  # 26,000 bytes: several decoder buffers
     source = tmp_path / "in.txt"
     source.write_bytes(good + b"\xff\n")
@@ -239,13 +242,13 @@ def test_text_without_newlines_is_cut_at_spaces_with_the_same_ids(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Item 12: one enormous line was held whole in memory; now it is cut where a space starts a piece."""
-    monkeypatch.setattr(data, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(documents, "CHUNK_CHARS", 64)
     text = ("It is  a truth, universally acknowledged 42 times: naïve!  Ok?? " * 40).replace("\n", "")
     source = tmp_path / "line.txt"
     source.write_text(text, encoding="utf-8")
     import hashlib
 
-    chunks = list(data._text_chunks(source, hashlib.sha256()))
+    chunks = list(documents.text_chunks(source, hashlib.sha256()))
     assert len(chunks) > 10 and max(map(len, chunks)) <= 3 * 64
     assert data.tokenize_files([source], tmp_path / "t.u16") == len(get_encoding().encode_ordinary(text))
     assert tokens_of(tmp_path / "t.u16") == get_encoding().encode_ordinary(text)
@@ -314,3 +317,74 @@ def test_too_short_data_is_a_data_error() -> None:
     data.TokenLoader(np.arange(12, dtype=np.uint16), batch_size=2, seq_len=3)  # one process: 7 tokens are enough
     with pytest.raises(DataError, match="processes"):  # two: 2 x 3 x 2 + 1 = 13 are needed
         data.TokenLoader(np.arange(12, dtype=np.uint16), batch_size=2, seq_len=3, rank=1, world_size=2)
+
+
+# ---- issue 12: JSON lines and Parquet files as --input; directories of shards ----
+
+
+def test_a_jsonl_input_is_its_documents_joined_with_endoftext(tmp_path: Path) -> None:
+    texts = [SAMPLE_TEXT, "", TRICKY_TEXT, "last"]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t, "title": t[:9]}) + "\n" for t in texts), encoding="utf-8")
+    cache = tmp_path / "cache"
+    corpus = data.prepare_corpus(TrainConfig(input=str(source), batch_size=2, seq_len=8), cache, World(), None)
+    encode = get_encoding().encode_ordinary
+    expected = encode(texts[0])
+    for text in texts[1:]:
+        expected += [EOT_TOKEN, *encode(text)]
+    assert corpus.train.tolist() == expected
+    titles = data.prepare_corpus(TrainConfig(input=str(source), text_field="title"), cache, World(), None)
+    assert titles.sha256 != corpus.sha256  # another field is another text, cached apart
+    assert titles.train.tolist() == [t for i, x in enumerate(texts) for t in ([EOT_TOKEN] * (i > 0) + encode(x[:9]))]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="needs pyarrow")
+def test_a_parquet_input_and_its_errors(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [SAMPLE_TEXT, "two"]}), tmp_path / "d.parquet")
+    corpus = data.prepare_corpus(TrainConfig(input=str(tmp_path / "d.parquet")), tmp_path / "c", World(), None)
+    assert corpus.train.tolist() == [*get_encoding().encode_ordinary(SAMPLE_TEXT), EOT_TOKEN, 11545]
+    with pytest.raises(DataError, match=r"d\.parquet has no column 'body' \(its columns: text\)"):
+        data.prepare_corpus(TrainConfig(input=str(tmp_path / "d.parquet"), text_field="body"), tmp_path, World(), None)
+
+
+def shards_dir(folder: Path, train: list[int], val: list[int] | None = None) -> Path:
+    """A directory of shards written with numpy alone: train_000000.bin (and val_000000.bin)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, tokens in (("train_000000.bin", train), ("val_000000.bin", val)):
+        if tokens is not None:
+            header = np.zeros(256, dtype=np.int32)
+            header[:3] = 20240520, 1, len(tokens)
+            (folder / name).write_bytes(header.tobytes() + np.array(tokens, dtype=np.uint16).tobytes())
+    return folder
+
+
+def test_a_directory_of_shards_is_read_as_it_is(tmp_path: Path) -> None:
+    folder = shards_dir(tmp_path / "shards", list(range(100)), list(range(50, 90)))
+    cfg = TrainConfig(input=str(folder), batch_size=2, seq_len=8, max_tokens=70)
+    corpus = data.prepare_corpus(cfg, tmp_path / "cache", World(), None)
+    assert isinstance(corpus.train, ShardSet) and isinstance(corpus.val, ShardSet)
+    assert corpus.train.tokens[0].tolist() == list(range(70)) and corpus.val.tokens[0].tolist() == list(range(50, 90))
+    assert not (tmp_path / "cache").exists()  # nothing tokenized, nothing cached
+    assert isinstance(data.make_loader(corpus.train, 2, 8), ShardLoader)
+
+
+@pytest.mark.parametrize(
+    ("flags", "error", "message"),
+    [
+        ({"val_fraction": 0.1}, UsageError, r"--val-fraction splits a text input; shards take their validation"),
+        ({"seq_len": 32}, DataError, r"no validation shard \(val_000000\.bin, \.\.\.\) holds one batch \(65 tokens\)"),
+    ],
+)
+def test_shard_inputs_refuse_what_does_not_apply(tmp_path: Path, flags: dict, error: type, message: str) -> None:
+    folder = shards_dir(tmp_path / "shards", list(range(100)), list(range(40)))
+    with pytest.raises(error, match=message):
+        cfg = TrainConfig(input=str(folder), **{"batch_size": 2, "seq_len": 8, **flags})
+        data.prepare_corpus(cfg, tmp_path, World(), None)
+
+
+def test_shuffle_shards_on_a_text_input_is_refused(text_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"--shuffle-shards orders the shards of a directory"):
+        data.prepare_corpus(TrainConfig(input=str(text_file), shuffle_shards=True), tmp_path, World(), None)

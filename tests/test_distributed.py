@@ -3,15 +3,31 @@ combined batch, writes its files once, and resumes."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed
-from conftest import ONE_THREAD, REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, metrics, run_cli  # one thread per rank
+from conftest import (  # one thread per rank
+    ONE_THREAD,
+    REPO,
+    SAMPLE_TEXT,
+    TINY_TRAIN_FLAGS,
+    assert_close_losses,
+    assert_close_weights,
+    assert_ran,
+    metrics,
+    torchrun,
+    train_py,
+)
 
 pytestmark = [
     pytest.mark.distributed,
@@ -24,45 +40,12 @@ pytestmark = [
 FLAGS = [*TINY_TRAIN_FLAGS, "--target-loss", "0", "--snapshot-interval", "5", "--keep-snapshots", "0"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node=2 train.py FLAGS``: run_cli runs ``python SCRIPT ARGS``, and ``-m`` as SCRIPT
-    makes that ``python -m torch.distributed.run ...``, which is torchrun."""
-    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    return run_cli(*launcher, str(REPO / "train.py"), *flags, script="-m", cwd=cwd, env=ONE_THREAD)
-
-
-def single(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_cli(*flags, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
-
-
-def assert_close_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5, msg=name)
-
-
-def assert_close_losses(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One process to step 8; two ranks to step 5; two ranks resumed from their step-5 snapshot to step 8."""
     cwd = tmp_path_factory.mktemp("distributed")
     (cwd / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
-    one = single(*FLAGS, "-B", "4", "--max-steps", "8", "--out-dir", "one", cwd=cwd)
+    one = train_py(*FLAGS, "-B", "4", "--max-steps", "8", "--out-dir", "one", cwd=cwd)
     two = torchrun(*FLAGS, "-B", "2", "--max-steps", "5", "--out-dir", "two", cwd=cwd)
     snapshot = str(cwd / "two" / "snapshots" / "snapshot_step_5.pt")
     resumed = torchrun(*FLAGS, "-B", "2", "--max-steps", "8", "--resume", snapshot, "--out-dir", "resumed", cwd=cwd)
@@ -137,11 +120,6 @@ def test_a_rank_waiting_for_a_master_that_never_answers_stops_on_sigterm(tmp_pat
     """The sweep: with a wrong MASTER_ADDR/PORT, a rank waited in torch's rendezvous (30 minutes, in C++), where
     SIGTERM did nothing but make torch print a C++ stack; now it stops in one line with 128 + 15. The master here
     accepts the connection and never answers, so the rank is known to be waiting when the signal is sent."""
-    import os
-    import signal
-    import sys
-    import time
-
     (tmp_path / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
     with socket.socket() as master:
         master.bind(("127.0.0.1", 0))
@@ -164,3 +142,29 @@ def test_a_rank_waiting_for_a_master_that_never_answers_stops_on_sigterm(tmp_pat
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM and err == "error: stopped by SIGTERM\n", err
     assert time.monotonic() - sent < 15
+
+
+@pytest.fixture(scope="module")
+def shard_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of 200 tokens (3 windows of 64 + 1 each, then a tail skipped): one process with -B 4 and two ranks
+    with -B 2, 8 steps each, across two shard boundaries."""
+    from gpt2scratch.config import PrepareConfig
+    from gpt2scratch.prepare import prepare
+
+    cwd = tmp_path_factory.mktemp("shards")
+    (cwd / "docs.jsonl").write_text((json.dumps({"text": SAMPLE_TEXT}) + "\n") * 6, encoding="utf-8")
+    prepare(PrepareConfig(inputs=[str(cwd / "docs.jsonl")], out=str(cwd / "shards"), shard_tokens=200))
+    flags = [*FLAGS, "--input", "shards", "--max-steps", "8"]
+    one = train_py(*flags, "-B", "4", "--out-dir", "one", cwd=cwd)
+    two = torchrun(*flags, "-B", "2", "--out-dir", "two", cwd=cwd)
+    assert_ran(one)
+    assert_ran(two)
+    return cwd
+
+
+def test_two_ranks_on_shards_compute_what_one_process_computes(shard_runs: Path) -> None:
+    one, two = shard_runs / "one", shard_runs / "two"
+    assert_close_losses(metrics(two), metrics(one))
+    assert_close_weights(two / "snapshots" / "snapshot_step_5.pt", one / "snapshots" / "snapshot_step_5.pt")
+    last = [torch.load(run / "snapshots" / "snapshot_step_5.pt", weights_only=True)["loader"] for run in (one, two)]
+    assert last[0] == last[1] == {"shard": 1, "offset": 128, "epoch": 0}

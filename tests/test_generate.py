@@ -307,7 +307,7 @@ def test_library_refuses_a_model_of_another_vocabulary(other_vocabulary_dir: Pat
 def test_stream_seeds_wrap_at_the_end_of_the_range(run_main, hf_dir: Path, model: GPT) -> None:
     """Streamed sample i is seeded with seed + i: past 2**64 - 1 that starts again at 0 instead of crashing."""
     args = ["--device", "cpu", "--dtype", "float32", "--stream", "--num-samples", "2", "--max-new-tokens", "3"]
-    args += ["--seed", str(2**64 - 1)]  # fp32: the samples are compared with the fp32 model's
+    args += ["--seed", str(2**64 - 1)]
     code, out, err = run_main("generate", "--pretrained", str(hf_dir), *args)
     assert code == 0, err
     expected = [

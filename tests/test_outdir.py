@@ -20,6 +20,7 @@ from gpt2scratch.outdir import (
     prune,
     refuse_to_overwrite,
     refuse_to_resume_over,
+    remove_temporaries,
     snapshot_path,
 )
 
@@ -38,6 +39,37 @@ def test_prune_keeps_the_newest(keep: int, kept: list[int], tmp_path: Path) -> N
     prune(tmp_path, keep)
     assert [step for step, _ in list_snapshots(tmp_path)] == kept
     assert all(path.exists() for path in others)
+
+
+def test_sharded_snapshots_are_listed_pruned_and_cleaned_up_like_files(tmp_path: Path) -> None:
+    """Issue 13: a sharded snapshot is a directory; retention removes it whole (never a part left under its name),
+    and the temporary directory of a snapshot killed mid-write is removed by the next run."""
+    folder = tmp_path / "snapshots"
+    for step in (2, 4):
+        snapshot_path(tmp_path, step, sharded=True).mkdir(parents=True)
+        (snapshot_path(tmp_path, step, sharded=True) / "__0_0.distcp").write_bytes(b"x")
+    snapshot_path(tmp_path, 6).write_bytes(b"x")  # a single-file snapshot of the same run
+    (folder / "snapshot_step_8").write_bytes(b"x")  # a file without .pt: neither kind
+    writing = folder / ".snapshot_step_10.tmp-123"  # a snapshot being written when its run was killed
+    writing.mkdir()
+    (writing / "__0_0.distcp").write_bytes(b"x")
+    assert [(s, p.name) for s, p in list_snapshots(tmp_path)] == [
+        (2, "snapshot_step_2"),
+        (4, "snapshot_step_4"),
+        (6, "snapshot_step_6.pt"),
+    ]
+    with pytest.raises(OutDirError, match=r"holds a later point of this run \(snapshot_step_6\.pt\)"):
+        refuse_to_resume_over(tmp_path, snapshot_path(tmp_path, 4, sharded=True), 4)
+    prune(tmp_path, 2)
+    assert [s for s, _ in list_snapshots(tmp_path)] == [4, 6]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".snapshot_step_10.tmp-123",
+        "snapshot_step_4",
+        "snapshot_step_6.pt",
+        "snapshot_step_8",
+    ]
+    remove_temporaries(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["snapshot_step_4", "snapshot_step_6.pt", "snapshot_step_8"]
 
 
 def test_latest_snapshot_skips_a_corrupt_newest_snapshot(trained_snapshot: Path, tmp_path: Path) -> None:

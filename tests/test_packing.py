@@ -83,3 +83,27 @@ def test_packed_layers_follow_weight_changes_and_give_gradients() -> None:
     with torch.no_grad():
         logits, _ = packed(idx)
     assert logits.dtype == torch.bfloat16
+
+
+def test_bf16_fuses_the_gelu_into_c_fc_and_keeps_it_when_the_packed_op_cannot_serve() -> None:
+    plain, packed = models(torch.bfloat16)
+    if pack_linears(packed) == 0:
+        pytest.skip("oneDNN prepacking is not usable on this CPU")
+    mlps = [block.mlp for block in packed.transformer.h]
+    assert all(mlp.c_fc.gelu and isinstance(mlp.gelu, torch.nn.Identity) for mlp in mlps)
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fused, _ = packed(idx)
+        want, _ = plain.float()(idx)  # the same bf16-rounded weights, computed in fp32
+        scale = want.abs().max()
+        assert (fused.float() - want).abs().max() <= 2e-2 * scale  # bf16 activations
+        got, _ = packed.float()(idx)  # cast after packing: the plain path, which must still apply the GELU
+    torch.testing.assert_close(got, want, atol=1e-5 * float(scale), rtol=1e-5)
+
+
+def test_fp32_keeps_the_gelu_apart() -> None:
+    _, packed = models(torch.float32)
+    if pack_linears(packed) == 0:
+        pytest.skip("oneDNN prepacking is not usable on this CPU")
+    assert not any(block.mlp.c_fc.gelu for block in packed.transformer.h)
+    assert all(isinstance(block.mlp.gelu, torch.nn.GELU) for block in packed.transformer.h)

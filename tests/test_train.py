@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -31,12 +32,14 @@ from conftest import (
 )
 
 import gpt2scratch
-from gpt2scratch import data
-from gpt2scratch.config import GPTConfig, TrainConfig
+from gpt2scratch import data, shards
+from gpt2scratch.config import GPTConfig, PrepareConfig, TrainConfig
 from gpt2scratch.device import cpu_has_bf16
 from gpt2scratch.distributed import World
 from gpt2scratch.errors import CheckpointError, OutDirError, UsageError
 from gpt2scratch.model import GPT
+from gpt2scratch.prepare import prepare
+from gpt2scratch.tokenizer import encode
 from gpt2scratch.train import Snapshots, check_before_training, train
 
 TOKENS_PER_STEP = 4 * 16  # -B 4 -T 16 of TINY_TRAIN_FLAGS
@@ -421,3 +424,70 @@ def test_hellaswag_and_the_gradient_norm_are_in_the_metrics(tmp_path: Path, in_p
     assert all(r["hellaswag_acc"] in (0.0, 1.0) and "val_loss" in r for r in records if "hellaswag_acc" in r)
     assert all(r["grad_norm"] > 0 for r in records)
     assert [r["tokens"] for r in records] == [TOKENS_PER_STEP * s for s in range(1, 7)]
+
+
+# ---- issue 12: training on token shards ----
+
+
+def numpy_shard(path: Path, tokens: list[int]) -> None:
+    """A shard in llm.c's format written with numpy alone, as modded-nanogpt's cached FineWeb shards are."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = 20240520, 1, len(tokens)
+    path.write_bytes(header.tobytes() + np.array(tokens, dtype=np.uint16).tobytes())
+
+
+@pytest.mark.slow
+def test_shards_written_by_another_tool_train(tmp_path: Path) -> None:
+    ids = encode(SAMPLE_TEXT * 6)
+    folder = tmp_path / "fineweb10B"
+    folder.mkdir()
+    numpy_shard(folder / "fineweb_train_000001.bin", ids[:400])
+    numpy_shard(folder / "fineweb_train_000002.bin", ids[400:])
+    numpy_shard(folder / "fineweb_val_000000.bin", ids[:100])
+    flags = ["--input", str(folder), "--max-steps", "8", "--target-loss", "0", "--eval-interval", "4"]
+    result = train_py(*flags, "--eval-batches", "1", "--snapshot-interval", "4", "--out-dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = metrics(tmp_path / "out")
+    assert [r["step"] for r in records] == list(range(1, 9)) and records[-1]["loss"] < records[0]["loss"]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    # 400 tokens hold 6 windows of 64 (+1): steps 1-6 read the first shard, 7-8 the second
+    assert load(tmp_path / "out" / "snapshots" / "snapshot_step_4.pt")["loader"] == {"shard": 0, "offset": 256,
+                                                                                      "epoch": 0}  # fmt: skip
+    last = load(tmp_path / "out" / "snapshots" / "snapshot_step_8.pt")
+    assert last["loader"] == {"shard": 1, "offset": 128, "epoch": 0}
+    assert last["metadata"]["input_sha256"] == shards.identity(shards.find_shards(str(folder)))
+    assert not (tmp_path / "out" / "token_cache").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six documents of ~110 tokens prepared into shards of 200 tokens: three hold 3 windows of B x T = 64 (+1) each,
+    the last (60 tokens) none, so an epoch is 9 steps."""
+    folder = tmp_path_factory.mktemp("prepared")
+    (folder / "docs.jsonl").write_text((json.dumps({"text": SAMPLE_TEXT}) + "\n") * 6, encoding="utf-8")
+    result = prepare(PrepareConfig(inputs=[str(folder / "docs.jsonl")], out=str(folder / "shards"), shard_tokens=200))
+    assert [s["tokens"] for s in result.shards] == [200, 200, 200, 60]
+    return folder / "shards"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shuffle", [[], ["--shuffle-shards"]], ids=["in-order", "shuffled"])
+def test_resume_on_shards_equals_the_run_never_stopped(
+    prepared_shards: Path, tmp_path: Path, in_process: None, shuffle: list[str]
+) -> None:
+    """The snapshot of step 2 points at the last window of a shard; the run goes on across two shard boundaries and
+    into the second epoch (shuffled: in a new order)."""
+    flags = ["--input", str(prepared_shards), "--target-loss", "0", "--snapshot-interval", "1", "--keep-snapshots", "0"]
+    straight = tmp_path / "straight"
+    train(dataclasses.replace(tiny_config(*flags, *shuffle, "--max-steps", "11"), out_dir=str(straight)))
+    snapshot = straight / "snapshots" / "snapshot_step_2.pt"
+    saved = load(snapshot)["loader"]
+    assert saved["offset"] == 128 and saved["epoch"] == 0  # the next window is the shard's last
+    resumed = tmp_path / "resumed"
+    cfg = tiny_config(*flags, *shuffle, "--max-steps", "11", "--resume", str(snapshot))
+    train(dataclasses.replace(cfg, out_dir=str(resumed)))
+    assert [(r["step"], r["loss"]) for r in metrics(resumed)] == [(r["step"], r["loss"]) for r in metrics(straight)[2:]]
+    states = [load(straight / "snapshots" / f"snapshot_step_{k}.pt")["loader"] for k in range(1, 12)]
+    assert [s["epoch"] for s in states] == [0] * 8 + [1] * 3
+    assert len({s["shard"] for s in states}) == 3
+    assert load(resumed / "snapshots" / "snapshot_step_11.pt")["loader"] == states[-1]

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import new_state, take_steps
 
 from gpt2scratch.checkpoint import FORMAT_VERSION, read_checkpoint
 from gpt2scratch.config import TrainConfig
-from gpt2scratch.data import Corpus, TokenLoader
+from gpt2scratch.data import Corpus
 from gpt2scratch.distributed import World
-from gpt2scratch.errors import CheckpointError
-from gpt2scratch.model import GPT
+from gpt2scratch.errors import CheckpointError, UsageError
 from gpt2scratch.optim import make_optimizer
-from gpt2scratch.trainstate import TrainState
+from gpt2scratch.shards import ShardLoader, ShardSet
+from gpt2scratch.trainstate import TrainState, check_identity
 
 # The keys of a format-1 checkpoint, as every version since the first wrote them (and the original README's resume
 # recipe reads model_state_dict and optimizer_state_dict): changing them needs a new FORMAT_VERSION.
@@ -27,49 +27,30 @@ FORMAT_1_KEYS = {"format_version", "kind", "model_state_dict", "optimizer_state_
 FORMAT_1_KEYS |= {"loss", "rng", "rng_per_rank", "loader", "train_args", "metadata"}
 
 
-def new_state(seed: int) -> TrainState:
-    torch.manual_seed(seed)
-    model = GPT(TINY)
-    tokens = np.arange(4000, dtype=np.uint16) % TINY.vocab_size
-    cpu = torch.device("cpu")
-    return TrainState(
-        cfg=TrainConfig(preset="tiny", batch_size=2, seq_len=8),
-        model=model,
-        optimizer=make_optimizer(model),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        loader=TokenLoader(tokens, 2, 8),
-        corpus=Corpus(tokens, None, "test", "0" * 64),
-        world=World(),
-        device=cpu,
-        dtype=torch.float32,
-    )
-
-
-def take_steps(state: TrainState, n: int) -> list[float]:
-    losses = []
-    for _ in range(n):
-        x, y = state.loader.next_batch()
-        _, loss = state.model(x, y)
-        loss.backward()
-        state.optimizer.step()
-        state.optimizer.zero_grad()
-        state.step += 1
-        state.loss = loss.item()
-        losses.append(state.loss)
-        torch.rand(1)  # the RNG moves on, as dropout would move it
-    return losses
+def shard_state(seed: int) -> TrainState:
+    """new_state, reading two shards (issue 12) instead of one stream of tokens."""
+    state = new_state(seed)
+    tokens = ShardSet([Path("train_000000.bin"), Path("train_000001.bin")], [state.corpus.train[:2000]] * 2)
+    state.corpus = Corpus(tokens, None, "test", "1" * 64)
+    state.loader = ShardLoader(tokens, 2, 8)
+    return state
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_state_dict_is_format_1_and_restores_a_run_exactly() -> None:
-    first = new_state(seed=0)
+@pytest.mark.parametrize(
+    ("make", "place"),
+    [(new_state, {"position": 3 * 2 * 8}), (shard_state, {"shard": 0, "offset": 3 * 2 * 8, "epoch": 0})],
+    ids=["tokens", "shards"],
+)
+def test_state_dict_is_format_1_and_restores_a_run_exactly(make: Callable[[int], TrainState], place: dict) -> None:
+    first = make(0)
     take_steps(first, 3)
     saved = copy.deepcopy(first.state_dict())
     assert set(saved) == FORMAT_1_KEYS and saved["format_version"] == FORMAT_VERSION == 1
-    assert (saved["step"], saved["loader"]) == (3, {"position": 3 * 2 * 8})
+    assert (saved["step"], saved["loader"]) == (3, place)
     expected = take_steps(first, 4)  # the uninterrupted run
 
-    second = new_state(seed=1)  # other initial weights, RNG and position: all must be replaced
+    second = make(1)  # other initial weights, RNG and position: all must be replaced
     second.load_state_dict(saved)
     assert (second.step, second.loss) == (3, saved["loss"])
     assert torch.equal(torch.get_rng_state(), saved["rng"]["cpu"])  # dropout would continue its stream
@@ -193,3 +174,49 @@ def test_a_resumed_optimizer_keeps_this_run_s_settings() -> None:
     assert resumed.optimizer.param_groups[0]["lr"] == 1e-3
     first = resumed.optimizer.param_groups[0]["params"][0]
     assert torch.equal(resumed.optimizer.state[first]["exp_avg"], state["optimizer_state_dict"]["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize(
+    ("loader", "message"),
+    [
+        ({"position": 48}, "its loader shard is None, not one of the input's 2 shards"),
+        ({"shard": 0, "offset": 2000, "epoch": 0}, "its loader offset is 2000, not a place in train_000000.bin's 2000"),
+        ({"shard": 1, "offset": 16, "epoch": "1"}, "its loader epoch is '1', not a whole number >= 0"),
+    ],
+)
+def test_a_shard_place_that_is_not_one_is_a_one_line_checkpoint_error(loader: dict, message: str) -> None:
+    state = {**shard_state(seed=0).state_dict(), "loader": loader}
+    with pytest.raises(CheckpointError, match=re.escape(message)) as failure:
+        shard_state(seed=1).load_state_dict(state, "snapshot.pt")
+    assert "\n" not in str(failure.value) and str(failure.value).startswith("snapshot.pt is damaged")
+
+
+# ---- issue 13: the same global batch split over another number of processes is the same run ----
+
+
+def saved_run(batch_size: int, grad_accum: int, world_size: int) -> dict:
+    """What check_identity reads of a checkpoint written with this split of the batch."""
+    args = TrainConfig(batch_size=batch_size, grad_accum=grad_accum).to_dict()
+    return {"train_args": args, "metadata": {"world_size": world_size}}
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "changed"),
+    [
+        ((2, 1, 2), (4, 1, 1), {"batch_size": [2, 4], "world_size": [2, 1]}),  # 2 ranks x B=2, then 1 x B=4
+        ((4, 1, 1), (1, 2, 2), {"batch_size": [4, 1], "grad_accum": [1, 2], "world_size": [1, 2]}),
+    ],
+)
+def test_the_same_global_batch_on_another_number_of_processes_resumes(saved: tuple, now: tuple, changed: dict) -> None:
+    batch_size, grad_accum, world_size = now
+    cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum)
+    changes = check_identity(cfg, saved_run(*saved), Path("s"), World(0, 0, world_size), None, set())
+    assert changes == changed  # allowed, and returned to be recorded
+
+
+def test_another_global_batch_on_another_number_of_processes_is_refused() -> None:
+    refused = r"the number of processes 1, the checkpoint's 2; .*--allow-changed world_size"
+    with pytest.raises(UsageError, match=refused):
+        check_identity(TrainConfig(batch_size=2), saved_run(2, 1, 2), Path("s"), World(), None, set())
+    allowed = check_identity(TrainConfig(batch_size=2), saved_run(2, 1, 2), Path("s"), World(), None, {"world_size"})
+    assert allowed == {"world_size": [2, 1]}

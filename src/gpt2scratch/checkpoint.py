@@ -15,7 +15,7 @@ import pickle
 import shutil
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -128,10 +128,11 @@ def on_cpu(state: Any, copies: dict[tuple, torch.Tensor] | None = None) -> Any:
     return state
 
 
-def all_finite(model: torch.nn.Module) -> bool:
-    """Whether no weight is NaN or inf. Sums first: one pass, much cheaper than isfinite, and finite weights only
-    sum to inf when they are astronomically large, in which case the exact check decides."""
-    params = [p.detach() for p in model.parameters()]
+def all_finite(model: torch.nn.Module | Iterable[torch.Tensor]) -> bool:
+    """Whether no weight (of a module, or among tensors) is NaN or inf. Sums first: one pass, much cheaper than
+    isfinite, and finite weights only sum to inf when they are astronomically large, in which case the exact check
+    decides."""
+    params = [p.detach() for p in (model.parameters() if isinstance(model, torch.nn.Module) else model)]
     if bool(torch.stack([p.sum() for p in params]).isfinite().all()):
         return True
     return all(bool(torch.isfinite(p).all()) for p in params)
@@ -214,6 +215,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():  # a FIFO would block the reader forever
         raise CheckpointError(f"{path} is not a regular file (a FIFO, socket or device), not a checkpoint")
     state = safe_load(path)
+    check_format(state, path)
+    return state
+
+
+def check_format(state: Any, path: Path) -> None:
+    """CheckpointError unless ``state`` is a checkpoint of ours, of a format this version reads."""
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise CheckpointError(f"{path} is not a gpt2-scratch checkpoint (no model_state_dict)")
     version = state.get("format_version")
@@ -225,7 +232,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path} has no model config; it is not a complete gpt2-scratch checkpoint")
-    return state
 
 
 def safe_load(path: Path) -> Any:
@@ -255,6 +261,13 @@ def _starts_like_a_pickle(path: Path) -> bool:
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` into ``model``; CheckpointError naming the first missing, unexpected or mismatched tensor."""
+    check_weights(model, state, source)
+    model.load_state_dict(state)  # copies into the model's own dtype and device
+
+
+def check_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError naming the first tensor of ``state`` that is missing, unexpected or of another shape than
+    ``model``'s (under FSDP, the shapes of the whole tensors)."""
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{source} is damaged: its weights are not a dict of tensors")
     expected = model.state_dict()
@@ -269,7 +282,6 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> Non
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[key].shape)}"
             )
-    model.load_state_dict(state)  # copies into the model's own dtype and device
 
 
 def model_from_weights(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:

@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from .config import EvalConfig, ExportConfig, GenerateConfig, PlotConfig, SamplingConfig, TrainConfig
+from .config import (
+    ConsolidateConfig,
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    PlotConfig,
+    PrepareConfig,
+    SamplingConfig,
+    ServeConfig,
+    TrainConfig,
+)
 from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
 from .signals import ignore_stop_signals, stopping_at_once
 
@@ -37,6 +47,9 @@ COMMANDS = (
     ("export", ExportConfig, "write a checkpoint as a transformers model directory"),
     ("eval", EvalConfig, "measure a model: perplexity on a text, accuracy on HellaSwag-style questions"),
     ("plot", PlotConfig, "draw the loss, learning-rate and speed curves of runs in a PNG"),
+    ("serve", ServeConfig, "serve a model over HTTP: OpenAI-compatible completions, batched across requests"),
+    ("prepare", PrepareConfig, "tokenize text, JSON lines, Parquet or a datasets folder into token shards"),
+    ("consolidate", ConsolidateConfig, "write a sharded snapshot (--parallel fsdp) as one checkpoint file"),
 )
 
 
@@ -77,10 +90,12 @@ def add_flags(parser: argparse.ArgumentParser, command: Any) -> None:
         if kind is bool:
             target.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
             continue
-        shown = "" if f.default is None else f" (default: {f.default})"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        shown = "" if f.default is None or required else f" (default: {f.default})"
         target.add_argument(
-            *flags, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text + shown
-        )
+            *flags, dest=f.name, type=kind, default=None if required else f.default, required=required,
+            choices=f.metadata.get("choices"), help=help_text + shown,
+        )  # fmt: skip
 
 
 def from_args(command: Callable[..., T], args: argparse.Namespace) -> T:
@@ -96,7 +111,8 @@ def from_args(command: Callable[..., T], args: argparse.Namespace) -> T:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="gpt2-scratch", description="GPT-2 from scratch: train on your text, generate, evaluate, plot, export."
+        prog="gpt2-scratch",
+        description="GPT-2 from scratch: train on your text, generate, evaluate, serve, plot, export.",
     )
     parser.add_argument("--version", action="version", version=f"gpt2-scratch {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
@@ -146,6 +162,12 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
             return run_eval(cfg)
         if args.command == "plot":
             return run_plot(cfg)
+        if args.command == "serve":
+            return run_serve(cfg)
+        if args.command == "prepare":
+            return run_prepare(cfg)
+        if args.command == "consolidate":
+            return run_consolidate(cfg)
         return run_export(cfg)
     except Interrupted as err:
         ignore_stop_signals()  # nothing is left to stop: a further Ctrl-C must not turn exit 130 into a death by signal
@@ -230,7 +252,7 @@ class ProgressBar:
         self.desc, self.unit, self.least = desc, unit, least
         self._bar: Any = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, note: str = "") -> None:
         if self._bar is None:
             if total < self.least:
                 return
@@ -239,6 +261,8 @@ class ProgressBar:
             scale = self.unit == "B"
             self._bar = tqdm(total=total, unit=self.unit, unit_scale=scale, desc=self.desc, file=sys.stderr)
         self._bar.n = done
+        if note:
+            self._bar.set_postfix_str(note, refresh=False)
         self._bar.refresh()
         if done >= total:
             self.close()
@@ -276,6 +300,13 @@ def run_generate(cfg: GenerateConfig) -> int:
     return 0
 
 
+def run_serve(cfg: ServeConfig) -> int:
+    from .serve import serve
+
+    serve(cfg)  # until SIGTERM or Ctrl-C, after which the requests in flight are finished
+    return 0
+
+
 def run_plot(cfg: PlotConfig) -> int:
     from .plot import plot_runs
 
@@ -284,14 +315,39 @@ def run_plot(cfg: PlotConfig) -> int:
     return 0
 
 
+def run_prepare(cfg: PrepareConfig) -> int:
+    from .prepare import prepare
+
+    bar = ProgressBar("preparing")
+    try:
+        result = prepare(cfg, bar)
+    finally:
+        bar.close()
+    done = "already prepared" if result.already else "wrote"
+    print(
+        f"{done} {result.out}: {len(result.shards)} shards, {result.train_tokens:,} train and {result.val_tokens:,} "
+        f"val tokens from {result.documents:,} documents (manifest.json lists them with their sha256)"
+    )
+    return 0
+
+
+def run_consolidate(cfg: ConsolidateConfig) -> int:
+    from .sharded import consolidate
+
+    state = consolidate(Path(cfg.snapshot), Path(cfg.output), cfg.force)
+    print(f"wrote {cfg.output} (step {state['step']}); resume with --resume {shlex.quote(cfg.output)}")
+    return 0
+
+
 def run_export(cfg: ExportConfig) -> int:
-    from .checkpoint import model_from_checkpoint, read_checkpoint
+    from .checkpoint import model_from_checkpoint
     from .convert import export
+    from .sharded import is_snapshot, load_checkpoint
 
     path = Path(cfg.checkpoint)
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory; export takes a checkpoint file written by train")
-    model = model_from_checkpoint(read_checkpoint(path), str(path))
+    if path.is_dir() and not is_snapshot(path):
+        raise UsageError(f"{path} is a directory; export takes a checkpoint file or sharded snapshot written by train")
+    model = model_from_checkpoint(load_checkpoint(path), str(path))
     out = Path(cfg.out_dir)
     export(model, out, force=cfg.force, source=path)
     print(f"wrote {out} (load it with transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")

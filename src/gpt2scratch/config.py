@@ -1,6 +1,7 @@
 """Typed configuration: the model's shape (``GPTConfig``), its named presets, and one dataclass per command
-(``TrainConfig``, ``GenerateConfig`` with its ``SamplingConfig``, ``EvalConfig``, ``ExportConfig``, ``PlotConfig``;
-``ModelSource`` is the --checkpoint/--pretrained pair that generate and eval share).
+(``TrainConfig``, ``GenerateConfig`` with its ``SamplingConfig``, ``EvalConfig``, ``ExportConfig``, ``PlotConfig``,
+``ServeConfig``, ``PrepareConfig``, ``ConsolidateConfig``; ``ModelSource`` is the --checkpoint/--pretrained pair that
+generate, eval and serve share).
 
 Configuration flows one way: the CLI makes each command's flags from its dataclass, parses ``argv`` into it, and
 hands it to the training or generation code. A command's dataclass validates itself once, when it is built. Each
@@ -82,6 +83,8 @@ def preset(name: str) -> GPTConfig:
 
 
 MAX_SEED = 2**63 - 1 - 4096  # torch seeds are 64-bit; training adds the rank to the seed
+TRAIN_DTYPES = ("auto", "float32", "bfloat16", "float16")
+INFERENCE_DTYPES = (*TRAIN_DTYPES, "float64")  # float64: exact comparisons (tests), never fast
 
 
 def _opt(help: str, *flags: str, **extra: Any) -> dict[str, Any]:
@@ -96,7 +99,15 @@ class TrainConfig:
     """Everything a training run is told. Field names are the CLI flags (``batch_size`` -> ``--batch-size``)."""
 
     input: str | None = field(
-        default=None, metadata=_opt("a text file, a directory of .txt files or a glob (default: input.txt)")
+        default=None,
+        metadata=_opt(
+            "a text file, a directory of .txt files or a glob; a .jsonl/.jsonl.gz/.parquet file; or a directory of "
+            "token shards, train_*.bin and val_*.bin (default: input.txt)"
+        ),
+    )
+    text_field: str = field(default="text", metadata=_opt("the field of a .jsonl/.parquet input that holds the text"))
+    shuffle_shards: bool = field(
+        default=False, metadata=_opt("read the shards of each epoch in an order drawn from --seed and the epoch")
     )
     data: str | None = field(
         default=None, metadata=_opt("train on a built-in corpus instead of --input: shakespeare", choices=None)
@@ -141,11 +152,19 @@ class TrainConfig:
         default=None, metadata=_opt("start from weights: gpt2[-medium|-large|-xl], a dir or a checkpoint")
     )
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
-    dtype: str = field(
-        default="auto",
-        metadata=_opt("auto, float32, bfloat16 or float16", choices=("auto", "float32", "bfloat16", "float16")),
-    )
+    dtype: str = field(default="auto", metadata=_opt("auto, float32, bfloat16 or float16", choices=TRAIN_DTYPES))
     compile: bool = field(default=False, metadata=_opt("torch.compile the model (costs ~20-30 s of warm-up)"))
+    parallel: str = field(
+        default="ddp",
+        metadata=_opt(
+            "under torchrun: ddp (every rank holds the whole model) or fsdp (weights, gradients and optimizer state "
+            "sharded across ranks; snapshots become directories written by every rank)",
+            choices=("ddp", "fsdp"),
+        ),
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata=_opt("recompute each block's activations in backward: less memory, more compute")
+    )
     seed: int = field(default=1337, metadata=_opt("random seed for initialisation and dropout"))
     log_interval: int = field(default=1, metadata=_opt("steps between progress lines"))
     tensorboard: bool = field(
@@ -188,6 +207,8 @@ class TrainConfig:
         if math.isnan(self.target_loss):
             raise UsageError(f"--target-loss must be a number, got {self.target_loss}")
         _refuse_empty(self, "input", "hellaswag", "resume", "init_from", "allow_changed")
+        if not self.text_field:
+            raise UsageError("--text-field must not be empty; give the field that holds the text (default: text)")
         if not 0 <= self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.seed <= MAX_SEED:
@@ -196,6 +217,10 @@ class TrainConfig:
             raise UsageError("--out-dir must not be empty; give . for the current directory")
         if self.input is not None and self.data is not None:
             raise UsageError("give either --input or --data, not both")
+        if self.dtype not in TRAIN_DTYPES:  # float64 is offered to inference only
+            raise UsageError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise UsageError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # now, not after tokenizing
@@ -307,9 +332,7 @@ class GenerateConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stream: bool = field(default=False, metadata=_opt("print tokens as they come (samples one after another)"))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
-    dtype: str = field(
-        default="auto", metadata=_opt("compute dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    )
+    dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=INFERENCE_DTYPES))
 
 
 @dataclass(frozen=True)
@@ -330,9 +353,7 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata=_opt("windows or endings per forward pass"))
     output: str | None = field(default=None, metadata=_opt("also write the results to this JSON file"))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
-    dtype: str = field(
-        default="auto", metadata=_opt("compute dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    )
+    dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=TRAIN_DTYPES))
 
     def __post_init__(self) -> None:
         _refuse_empty(self, "perplexity", "hellaswag", "output")
@@ -363,6 +384,16 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class ConsolidateConfig:
+    """``gpt2-scratch consolidate``: a sharded snapshot (a directory written under --parallel fsdp) as one checkpoint
+    file, which every command reads and training resumes from."""
+
+    snapshot: str = field(metadata=_opt("a sharded snapshot: OUT/snapshots/snapshot_step_N/", positional=True))
+    output: str = field(metadata=_opt("the checkpoint file to write, e.g. snapshot_step_N.pt", positional=True))
+    force: bool = field(default=False, metadata=_opt("replace OUTPUT if it is a file already"))
+
+
+@dataclass(frozen=True)
 class PlotConfig:
     """``gpt2-scratch plot``: the metrics of one run, or of several overlaid, drawn as curves in a PNG."""
 
@@ -376,6 +407,83 @@ class PlotConfig:
             raise UsageError("a run to plot must not be empty; give its out dir or its metrics.jsonl")
         if not self.output.lower().endswith(".png"):
             raise UsageError(f"-o/--output must name a .png file, got {self.output!r}")
+
+
+API_KEY_ENV = "GPT2SCRATCH_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``gpt2-scratch serve``: a model behind an OpenAI-compatible HTTP API, requests decoded as one batch."""
+
+    model: ModelSource = field(default_factory=ModelSource)
+    host: str = field(
+        default="127.0.0.1", metadata=_opt("address to listen on (0.0.0.0: every interface; set an API key then)")
+    )
+    port: int = field(default=8000, metadata=_opt("TCP port (0: any free one, printed at start)"))
+    device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
+    dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=INFERENCE_DTYPES))
+    max_batch: int = field(default=16, metadata=_opt("sequences decoded together (1: no batching)"))
+    max_queue: int = field(
+        default=256, metadata=_opt("sequences that may wait for a place in the batch; beyond, requests get 429")
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata=_opt(f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, which ps cannot see)"),
+    )
+    shutdown_timeout: float = field(
+        default=30.0, metadata=_opt("seconds that SIGTERM/Ctrl-C waits for requests in flight before cutting them")
+    )
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise UsageError("--host must not be empty; 127.0.0.1 serves this machine only")
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be in [0, 65535], got {self.port}")
+        for name in ("max_batch", "max_queue"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
+            raise UsageError(f"--shutdown-timeout must be zero or a positive number, got {self.shutdown_timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("--api-key must not be empty")
+
+
+MAX_SHARD_TOKENS = 2**31 - 1  # a shard's header holds its token count as an int32
+DOCUMENT_INPUTS = ".txt (a document each), .jsonl(.gz), .parquet, .arrow files, datasets.save_to_disk folders, or dirs"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``gpt2-scratch prepare``: documents (text, JSON lines, Parquet, a datasets folder) tokenized into llm.c's token
+    shards, which ``train --input DIR`` reads."""
+
+    inputs: list[str] = field(metadata=_opt(DOCUMENT_INPUTS, positional=True, nargs="+"))
+    out: str = field(metadata=_opt("the directory for the shards and manifest.json"))
+    text_field: str = field(default="text", metadata=_opt("the JSON field or Parquet/Arrow column holding the text"))
+    shard_tokens: int = field(default=100_000_000, metadata=_opt("tokens per shard"))
+    val_tokens: int = field(default=0, metadata=_opt("the first N tokens go to val_000000.bin, the rest to train_*"))
+    workers: int | None = field(
+        default=None, metadata=_opt("threads or processes that tokenize (default: one per core)")
+    )
+    parallel: str = field(
+        default="auto",
+        metadata=_opt(
+            "threads, processes, or auto: time both on the first 4 MB of text and keep the faster",
+            choices=("auto", "threads", "processes"),
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for name, lowest in (("shard_tokens", 1), ("val_tokens", 0)):
+            if not lowest <= getattr(self, name) <= MAX_SHARD_TOKENS:
+                raise UsageError(f"{flag(name)} must be in [{lowest}, {MAX_SHARD_TOKENS}], got {getattr(self, name)}")
+        if self.workers is not None and self.workers <= 0:
+            raise UsageError(f"--workers must be a positive integer, got {self.workers}")
+        if not self.text_field:
+            raise UsageError("--text-field must not be empty; give the field that holds the text (default: text)")
+        if not self.out:
+            raise UsageError("--out must not be empty; give the directory for the shards")
 
 
 def flag(name: str, command: type = TrainConfig) -> str:

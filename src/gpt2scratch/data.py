@@ -1,40 +1,39 @@
-"""Training data: find the input text, tokenize it once into a cached uint16 file, and serve B x T batches from it.
+"""Training data: find the input, tokenize it once into a cached uint16 file, and serve B x T batches from it.
 
 ``prepare_corpus`` is the whole path from the flags to the tokens a run trains on.
 
 The token file is read through ``numpy.memmap``, so a corpus of many GB trains in bounded memory. Its name carries
 the sha256 of the input, so an unchanged input is never tokenized twice and a changed one always is. Tokenizing
 streams the text in chunks cut where GPT-2's pre-tokenizer would cut anyway, so the ids equal those of one call
-over the whole text, with peak memory independent of the input's size and every core busy.
+over the whole text, with peak memory independent of the input's size and every core busy. JSON-lines and Parquet
+files (documents.py) are read a document at a time, the documents joined with <|endoftext|>. A directory of token
+shards (shards.py) is read as it is, without a cache.
 """
 
 from __future__ import annotations
 
-import codecs
 import glob
 import hashlib
 import json
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from . import documents
 from .config import TrainConfig
 from .corpus import builtin_text
 from .distributed import World, barrier
-from .errors import DataError
-from .tokenizer import EOT_TOKEN, get_encoding
+from .errors import DataError, UsageError
+from .shards import ShardFiles, ShardLoader, ShardSet, find_shards, identity
+from .tokenizer import NotUnicode, encode_in_order, encoder_pool
 
 log = logging.getLogger(__name__)
-
-CHUNK_CHARS = 1 << 22  # ~4 MB of text per chunk handed to the tokenizer
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -73,108 +72,63 @@ def content_hash(files: list[Path]) -> str:
     """sha256 over the files' contents, in order: the identity of a corpus. DataError if they hold no bytes."""
     digest, size = hashlib.sha256(), 0
     for path in files:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-                size += len(block)
+        size += _hash_file(path, digest)
         digest.update(FILE_BOUNDARY)
     if size == 0:
         raise DataError(f"the input ({', '.join(map(str, files[:3]))}) is empty")
     return digest.hexdigest()
 
 
-def _text_chunks(path: Path, digest: Any) -> Iterator[str]:
-    """The file's text in pieces of about CHUNK_CHARS, cut only where GPT-2's pre-tokenizer always cuts; every byte
-    read also goes into ``digest``, so the hash is of exactly the text tokenized. DataError if it is not text."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    carry, offset = "", 0
+def _hash_file(path: Path, digest: Any) -> int:
+    size = 0
     with open(path, "rb") as f:
-        while True:
-            block = f.read(CHUNK_CHARS)
+        while block := f.read(1 << 24):
             digest.update(block)
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
-            try:
-                text = carry + decoder.decode(block, final=not block)
-            except UnicodeDecodeError as err:
-                bad = offset - pending + err.start
-                raise DataError(f"{path} is not UTF-8 text (bad byte at offset {bad}); convert it to UTF-8") from None
-            offset += len(block)
-            if "\x00" in text:
-                raise DataError(f"{path} looks like a binary file (it contains NUL bytes); give a text file")
-            if not block:
-                break
-            cut = _last_safe_cut(text, len(text) - CHUNK_CHARS // 2)
-            if cut is None:
-                carry = text  # no safe cut yet: keep reading
-            else:
-                yield text[:cut]
-                carry = text[cut:]
-    if carry:
-        yield carry
+            size += len(block)
+    return size
 
 
-def _last_safe_cut(text: str, lowest: int) -> int | None:
-    """A position at or after ``lowest`` where GPT-2's pre-tokenizer always ends a piece, or None: just after the
-    last newline with non-space characters on both sides, else (text without such newlines, which would otherwise be
-    held whole in memory) just before the last single space between two non-space characters, where the piece on
-    the left ends and the one on the right starts with that space (`` ?\\p{L}+``, `` ?\\p{N}+`` or punctuation)."""
-    for mark, after in (("\n", 1), (" ", 0)):
-        end = len(text) - 1  # a mark at the very end has an unknown right neighbour
-        while (pos := text.rfind(mark, max(1, lowest), end)) > 0:
-            if not text[pos - 1].isspace() and not text[pos + 1].isspace():
-                return pos + after
-            end = pos
-    return None
+def input_hash(files: list[Path], content_sha256: str, text_field: str) -> str:
+    """The identity of the tokens of ``files``: their ``content_hash``, and for JSON-lines or Parquet files also the
+    field that holds the text (another field is another text)."""
+    if all(documents.kind_of(p) in (None, documents.TEXT) for p in files):
+        return content_sha256
+    return hashlib.sha256(f"{content_sha256} {text_field}".encode()).hexdigest()
 
 
 def tokenize_files(
-    files: list[Path], out_path: Path, progress: Progress | None = None, expected_sha256: str | None = None
+    files: list[Path],
+    out_path: Path,
+    progress: Progress | None = None,
+    expected_sha256: str | None = None,
+    text_field: str = "text",
 ) -> int:
     """Tokenize ``files`` into a uint16 file at ``out_path`` (written atomically); return the token count.
 
-    Files are joined with <|endoftext|> between them. Raises DataError for empty, binary or non-UTF-8 input, and,
+    A text file is one document; a JSON-lines, Parquet or Arrow file holds one per line or row, in ``text_field``.
+    Documents are joined with <|endoftext|> between them. Raises DataError for empty, binary or non-UTF-8 input, and,
     given ``expected_sha256`` (``content_hash`` of the files), if the bytes read were not those: the input changed
     while it was read, and nothing is written.
     """
-    total = max(1, sum(p.stat().st_size for p in files))  # for the progress bar only (0 for files in /proc)
+    sizes = [p.stat().st_size for p in files]
+    before = np.cumsum([0, *sizes]).tolist()  # bytes of the files before each, for the progress bar
+    total = max(1, before[-1])  # (0 for files in /proc)
     digest = hashlib.sha256()
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     threads = os.cpu_count() or 1
-    encoding = get_encoding()
-    count = done = 0
-    pending: deque[tuple[Future[np.ndarray], int]] = deque()  # chunks being encoded, in order, with their sizes
-
-    def write_oldest(out: BinaryIO) -> None:
-        nonlocal count, done
-        future, size = pending.popleft()
-        ids = future.result()
-        ids.astype(np.uint16).tofile(out)  # GPT-2's 50,257 ids fit in 16 bits
-        count += len(ids)
-        done += size
-        if progress is not None:
-            progress(min(done, total), total)
-
+    count = 0
     if progress is not None:
         progress(0, total)  # the bar's clock starts now, not at the first chunk
     try:
-        # tiktoken releases the GIL while it encodes, so a thread per core keeps every core busy; at most two chunks
-        # per core are in flight, which bounds memory whatever the input's size.
-        with open(tmp, "wb") as out, ThreadPoolExecutor(threads) as pool:
-            for index, path in enumerate(files):
-                if index > 0:
-                    while pending:
-                        write_oldest(out)
-                    np.array([EOT_TOKEN], dtype=np.uint16).tofile(out)
-                    count += 1
-                for chunk in _text_chunks(path, digest):
-                    if len(pending) >= 2 * threads:
-                        write_oldest(out)
-                    future = pool.submit(encoding.encode_to_numpy, chunk, disallowed_special=())
-                    pending.append((future, len(chunk.encode("utf-8"))))
-                digest.update(FILE_BOUNDARY)
-            while pending:
-                write_oldest(out)
+        # tiktoken releases the GIL while it encodes, so a thread per core keeps every core busy; encode_in_order
+        # keeps at most two batches per thread in flight, which bounds memory whatever the input's size.
+        with open(tmp, "wb") as out, encoder_pool(threads) as pool:
+            for batch, ids, _ in encode_in_order(_joined(files, digest, text_field), pool, threads):
+                ids.tofile(out)
+                count += len(ids)
+                if progress is not None:
+                    progress(min(before[batch[-1].source] + batch[-1].position, total), total)
         if count == 0:
             raise DataError(f"the input ({', '.join(map(str, files[:3]))}) is empty")
         if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
@@ -182,9 +136,31 @@ def tokenize_files(
                 f"the input ({files[0]}, ...) changed while it was being read; run again once it is written"
             )
         os.replace(tmp, out_path)
+    except NotUnicode as err:
+        assert isinstance(err.piece, documents.Piece)
+        place = documents.where(_source(files[err.piece.source]), err.piece.item)
+        raise DataError(f"{place} is not valid Unicode (it holds a lone surrogate such as \\ud800)") from None
     finally:
         tmp.unlink(missing_ok=True)
     return count
+
+
+def _source(path: Path) -> documents.Source:
+    return documents.Source(path, documents.kind_of(path) or documents.TEXT)
+
+
+def _joined(files: list[Path], digest: Any, text_field: str) -> Iterator[documents.Piece]:
+    """The pieces of ``files`` in order, with <|endoftext|> between documents (not before the first). Every byte
+    of a text file read goes into ``digest``; a document file is hashed once its documents are read."""
+    first = True
+    for index, path in enumerate(files):
+        source = _source(path)
+        for piece in documents.read(source, index, text_field, digest=digest):
+            yield piece._replace(starts=piece.starts and not first)
+            first = False
+        if source.kind != documents.TEXT:
+            _hash_file(path, digest)
+        digest.update(FILE_BOUNDARY)
 
 
 def _cache_matches(token_path: Path, sha256: str) -> bool:
@@ -214,15 +190,20 @@ def open_tokens(path: Path) -> np.ndarray:
 class Corpus:
     """The training (and validation) tokens of a run, and where they came from."""
 
-    train: np.ndarray
-    val: np.ndarray | None
+    train: np.ndarray | ShardSet  # one stream of tokens, or shards
+    val: np.ndarray | ShardSet | None
     source: str  # what the user gave: paths or builtin:NAME
     sha256: str
 
 
 def prepare_corpus(cfg: TrainConfig, cache: Path, world: World, progress: Progress | None) -> Corpus:
     """Tokenize the input into ``cache`` once (rank 0; the others wait), memmap it, and split off the validation
-    tail. DataError for missing, empty or non-text input, or a validation tail shorter than one batch."""
+    tail; or open the shards it names. DataError for missing, empty or non-text input, or a validation tail shorter
+    than one batch."""
+    if cfg.data is None and (found := find_shards(cfg.input)) is not None:
+        return shard_corpus(cfg, found)
+    if cfg.shuffle_shards:
+        raise UsageError("--shuffle-shards orders the shards of a directory of train_*.bin files; this input is text")
     if cfg.data is not None:
         text_path = cache / f"{cfg.data}.txt"
         if world.is_main:
@@ -237,11 +218,12 @@ def prepare_corpus(cfg: TrainConfig, cache: Path, world: World, progress: Progre
     else:
         files = resolve_inputs(cfg.input)
         source = ", ".join(str(p) for p in files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")
-    sha = content_hash(files)
+    content = content_hash(files)
+    sha = input_hash(files, content, cfg.text_field)
     token_path = cache / f"tokens-{sha[:20]}.u16"
     if world.is_main and not _cache_matches(token_path, sha):
         log.info("tokenizing %s ...", source)
-        count = tokenize_files(files, token_path, progress, expected_sha256=sha)
+        count = tokenize_files(files, token_path, progress, expected_sha256=content, text_field=cfg.text_field)
         _write_cache_record(token_path, sha, count)
         log.info("tokenized: %d tokens -> %s", count, token_path)
     barrier(world)
@@ -253,6 +235,50 @@ def prepare_corpus(cfg: TrainConfig, cache: Path, world: World, progress: Progre
     if val_tokens is not None and len(val_tokens) < cfg.batch_size * cfg.seq_len + 1:
         raise DataError(f"--val-fraction {cfg.val_fraction} leaves {len(val_tokens)} tokens, less than one batch")
     return Corpus(train_tokens, val_tokens, source, sha)
+
+
+def shard_corpus(cfg: TrainConfig, found: ShardFiles) -> Corpus:
+    """The shards as they are, memory-mapped once their headers are checked, the training ones cut at --max-tokens.
+    Their identity comes from the manifest beside them, or a cheap fingerprint (shards.identity), never a full read.
+    """
+    if cfg.val_fraction:
+        raise UsageError(
+            "--val-fraction splits a text input; shards take their validation tokens from *val*.bin files "
+            "(prepare --val-tokens N writes one)"
+        )
+    train = ShardSet.open(found.train)
+    if cfg.max_tokens is not None:
+        train = train.first(cfg.max_tokens)
+    val = ShardSet.open(found.val) if found.val else None
+    needed = cfg.batch_size * cfg.seq_len + 1
+    if val is not None and max(len(t) for t in val.tokens) < needed:
+        raise DataError(f"no validation shard ({found.val[0].name}, ...) holds one batch ({needed} tokens)")
+    folder = found.train[0].parent
+    source = f"{folder} ({len(found.train)} train and {len(found.val)} val shards)"
+    log.info("training on %s: %d tokens%s", source, len(train), f", {len(val)} for validation" if val else "")
+    return Corpus(train, val, source, identity(found))
+
+
+class Loader(Protocol):
+    """What training reads batches from: TokenLoader (one stream of tokens) or ShardLoader (shards)."""
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+    def state_problem(self, state: Any) -> tuple[str, str] | None: ...
+
+
+def make_loader(
+    tokens: np.ndarray | ShardSet, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+    shuffle_seed: int | None = None,
+) -> Loader:  # fmt: skip
+    """The loader of a stream of tokens or of shards (``shuffle_seed``: each epoch's order of the shards)."""
+    if isinstance(tokens, ShardSet):
+        return ShardLoader(tokens, batch_size, seq_len, rank, world_size, shuffle_seed)
+    return TokenLoader(tokens, batch_size, seq_len, rank, world_size)
 
 
 class TokenLoader:
@@ -293,3 +319,10 @@ class TokenLoader:
         self.position = int(state["position"])
         if self.position + self.B * self.T * self.world_size + 1 > len(self.tokens):
             self.position = 0  # no room for a batch there (the batch shape changed): wrap, as next_batch would
+
+    def state_problem(self, state: Any) -> tuple[str, str] | None:
+        """(the field, what is wrong with it) if ``state`` is not a place in the tokens, else None."""
+        position = state.get("position") if isinstance(state, dict) else None
+        if type(position) is not int or not 0 <= position < len(self.tokens):
+            return "loader position", f"is {position!r}, not a place in the input's {len(self.tokens)} tokens"
+        return None

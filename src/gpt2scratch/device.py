@@ -14,7 +14,9 @@ from .errors import DeviceError, UsageError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is for inference only (the CLI offers it to generate and serve): exact comparisons in tests, where a
+# kernel's summation order can never flip a sampled token.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 MEMINFO = Path("/proc/meminfo")
 
 
@@ -62,7 +64,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32  # MPS and CPUs without bf16 units: fp32 is the fast and safe choice
     if name not in DTYPES:
-        raise DeviceError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+        raise DeviceError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type == "cpu":
         raise DeviceError("float16 is not supported on the CPU; use --dtype bfloat16 or float32")
@@ -86,11 +88,14 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_model_fits(config: GPTConfig, device: torch.device, bytes_per_param: int, purpose: str, hint: str) -> None:
-    """UsageError, before anything is allocated, if ``bytes_per_param`` bytes for each of the model's parameters
-    exceed the memory free on ``device``: the one check of a model's size, for training and for loading weights."""
+def check_model_fits(
+    config: GPTConfig, device: torch.device, bytes_per_param: int, purpose: str, hint: str, shards: int = 1
+) -> None:
+    """UsageError, before anything is allocated, if ``bytes_per_param`` bytes for each of the model's parameters,
+    split into ``shards`` (FSDP's ranks), exceed the memory free on ``device``: the one check of a model's size, for
+    training and for loading weights."""
     params = config.num_params()
-    needed, available = bytes_per_param * params, available_memory(device)
+    needed, available = bytes_per_param * params // shards, available_memory(device)
     if available is not None and needed > available:
         count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
         raise UsageError(

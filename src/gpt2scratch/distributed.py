@@ -1,4 +1,5 @@
-"""Several processes under torchrun: set-up, the data-parallel wrapper, and averaging across ranks.
+"""Several processes under torchrun: set-up and the collectives the training loop uses (how the model is spread
+over the ranks, DDP or FSDP, is parallel.py's).
 
 With one process every function here is a no-op, so ``python train.py`` and ``torchrun ... train.py`` run the same
 code. Rank and world size travel as a ``World`` value, never a global.
@@ -6,7 +7,6 @@ code. Rank and world size travel as a ``World`` value, never a global.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -129,21 +129,3 @@ def gather_objects(obj: object, world: World) -> list[object]:
     gathered: list[object] = [None] * world.size
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
-    """The model in DistributedDataParallel when there are several processes; the model itself otherwise."""
-    if not world.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce unless ``sync`` (gradient accumulation syncs on the last micro-batch)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if sync or not isinstance(model, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()

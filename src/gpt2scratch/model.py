@@ -6,13 +6,14 @@ its weight with the token embedding. Parameter names follow OpenAI's checkpoint 
 so that weight conversion is a short list of transposes (see convert.py).
 
 Shape letters: B batch, T time (sequence), C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary,
-P past tokens held in the KV cache.
+P past tokens held in the KV cache, S = P + T keys an attention sees.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -22,10 +23,32 @@ from .config import GPTConfig
 from .loss import head_loss
 
 
+class Cache(Protocol):
+    """What the model asks of a KV cache: ``KVCache`` below (rows in step), or decode.py's slots (each row at its
+    own position). One forward pass calls ``positions`` once, ``update`` once per layer, then ``advance``."""
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Positions of the T new tokens: (T,) shared by all rows or (B, T) per row; ValueError past the cache."""
+        ...
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store this layer's new keys/values (B, nh, T, hs); return every key and value (B, nh, S, hs) and the keys
+        each new token may see: a boolean mask (B, 1, T, S), or None when the T new tokens are the last T keys of
+        every row (the plain causal case)."""
+        ...
+
+    def advance(self, T: int) -> None:
+        """The new tokens went through every layer: count them as held."""
+        ...
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so that each new token costs one position.
 
-    Buffers are allocated once for ``max_len`` positions and filled in place; ``length`` is how many are valid.
+    Buffers are allocated once for ``max_len`` positions and filled in place; ``length`` is how many are valid
+    (the same for every row).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
@@ -34,15 +57,26 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, hs)  # (L, B, nh, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = config.block_size
         self.max_len = max_len
         self.length = 0
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values (B, nh, T, hs); return all of them so far (B, nh, P+T, hs)."""
+    def positions(self, T: int) -> torch.Tensor:
+        end = self.length + T
+        if end > self.block_size:
+            raise ValueError(f"sequence of {end} tokens is longer than the model's block size ({self.block_size})")
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} tokens does not fit in a KV cache of {self.max_len} positions")
+        return torch.arange(self.length, end, dtype=torch.long, device=self.k.device)  # (T,)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], None  # (B, nh, P+T, hs): all rows aligned
+
+    def advance(self, T: int) -> None:
+        self.length += T
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,40 +88,45 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
+        mask = None  # None: causal, the T queries being the last T of the keys
         if cache is not None:
-            past = cache.length
-            k, v = cache.append(layer, k, v)  # (B, nh, P+T, hs)
+            k, v, mask = cache.update(layer, k, v)  # (B, nh, S, hs); mask (B, 1, T, S) where rows differ in length
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:  # the whole sequence is new: plain causal mask
+        S = k.size(2)
+        if mask is None and S == T:  # the whole sequence is new: plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
-        elif T == 1:  # one new token may look at everything before it
-            if q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0:
-                y = attend_one_query(q, k, v)  # (B, nh, 1, hs): the same math, faster than CPU SDPA in bf16
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
+        elif T == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0:
+            y = attend_one_query(q, k, v, mask)  # (B, nh, 1, hs): the same math, faster than CPU SDPA in bf16
+        elif T == 1 and mask is None:  # one new token may look at everything before it
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
         else:  # new tokens see the past and the new tokens up to themselves
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # (T, P+T)
+            if mask is None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
-def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) v for one query per head, (B, nh, 1, hs), as two batched matrix-vector products.
+def attend_one_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs)) v for one query per head, (B, nh, 1, hs), as two batched matrix-vector products;
+    with a boolean ``mask`` (B, 1, 1, S), only the keys it marks.
 
     PyTorch's CPU SDPA kernels work on blocks of queries; for one bf16 query over a long KV cache they take 2-4x
     longer than these two products, which stream the cache once. The scores come out of the first product in the
     inputs' dtype (rounded to bf16, as every activation of a bf16 model is); the softmax is taken in fp32.
     """
-    scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)  # (B, nh, 1, P+1)
+    scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)  # (B, nh, 1, S)
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / math.sqrt(k.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
@@ -113,7 +152,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -130,12 +169,16 @@ class Transformer(nn.Module):
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
 
-    def forward(self, idx: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """Hidden states (B, T, C) after ln_f for token ids ``idx`` (B, T) at positions ``start`` to ``start + T``."""
-        pos = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+    def forward(self, idx: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """Hidden states (B, T, C) after ln_f for token ids ``idx`` (B, T): at positions 0 to T-1, or, with a
+        ``cache``, right after the tokens it holds (each row's own); the cache then holds these too."""
+        T = idx.size(1)
+        pos = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)  # (T,) or (B, T)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer)  # (B, T, C)
+        if cache is not None:
+            cache.advance(T)
         return self.ln_f(x)
 
 
@@ -181,7 +224,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         last_only: bool = False,
         return_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -192,15 +235,10 @@ class GPT(nn.Module):
         ``return_logits=False``: the loss alone, computed with the head without keeping the logits (loss.py).
         Raises ValueError if the sequence would be longer than ``config.block_size``.
         """
-        T = idx.size(1)
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than the model's block size ({self.config.block_size})"
-            )
-        x = self.transformer(idx, start, cache)  # (B, T, C)
-        if cache is not None:
-            cache.length += T
+        length, block = idx.size(1), self.config.block_size
+        if cache is None and length > block:
+            raise ValueError(f"sequence of {length} tokens is longer than the model's block size ({block})")
+        x = self.transformer(idx, cache)  # (B, T, C); a cache checks that its positions stay within the block
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         if targets is not None and not return_logits:

@@ -2,10 +2,11 @@
 run writes into it.
 
 Layout, as the original script had it (by default the out dir is the directory the command runs in):
-``snapshots/snapshot_step_N.pt``, ``final_model.pt`` and ``metrics.jsonl`` in the out dir itself, the token cache in
-``token_cache/``, and a hidden ``.gpt2scratch.lock`` held by the run in progress. Beside them, what watching a run
-adds: ``loss.png``, its curves drawn when it ends (if matplotlib is installed), and with ``--tensorboard`` the event
-files in ``tensorboard/``. Nothing else is written there.
+``snapshots/snapshot_step_N.pt`` (under --parallel fsdp, the directory ``snapshots/snapshot_step_N/``),
+``final_model.pt`` and ``metrics.jsonl`` in the out dir itself, the token cache in ``token_cache/``, and a hidden
+``.gpt2scratch.lock`` held by the run in progress. Beside them, what watching a run adds: ``loss.png``, its curves
+drawn when it ends (if matplotlib is installed), and with ``--tensorboard`` the event files in ``tensorboard/``.
+Nothing else is written there.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_checkpoint
 from .errors import CheckpointError, OutDirError
+from .sharded import load_checkpoint, remove_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +31,35 @@ PLOT_NAME = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
 CACHE_DIR = "token_cache"
 LOCK_NAME = ".gpt2scratch.lock"
-_SNAPSHOT_RE = re.compile(r"snapshot_step_(\d+)\.pt")
+_SNAPSHOT_RE = re.compile(r"snapshot_step_(\d+)(\.pt)?")
 
 
-def snapshot_path(out_dir: Path, step: int) -> Path:
-    return out_dir / SNAPSHOT_DIR / f"snapshot_step_{step}.pt"
+def snapshot_path(out_dir: Path, step: int, sharded: bool = False) -> Path:
+    """A single-file snapshot's path, or a sharded one's (a directory)."""
+    return out_dir / SNAPSHOT_DIR / (f"snapshot_step_{step}" if sharded else f"snapshot_step_{step}.pt")
 
 
 def list_snapshots(out_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every snapshot under ``out_dir``, oldest first. Temporary files are not snapshots."""
+    """(step, path) of every snapshot under ``out_dir``, files and sharded directories, oldest first. Temporary
+    files and directories are not snapshots."""
     folder = out_dir / SNAPSHOT_DIR
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _SNAPSHOT_RE.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := _SNAPSHOT_RE.fullmatch(p.name)) and (m.group(2) or p.is_dir())
+    ]
     return sorted(found)
 
 
-def latest_snapshot(out_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest snapshot in ``out_dir`` that loads, and its contents; CheckpointError if there is none."""
+def latest_snapshot(out_dir: Path, weights: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The newest snapshot in ``out_dir`` that loads, and its contents (``weights`` False: a sharded one's without
+    its model and optimizer states, see ``sharded.load_checkpoint``); CheckpointError if there is none."""
     damaged = []
     for _, path in reversed(list_snapshots(out_dir)):
         try:
-            return path, read_checkpoint(path)
+            return path, load_checkpoint(path, weights)
         except CheckpointError as err:
             log.warning("skipping %s: %s", path, err)
             damaged.append(path.name)
@@ -77,19 +86,25 @@ def prune(out_dir: Path, keep: int) -> None:
     if keep <= 0:
         return
     for _, path in list_snapshots(out_dir)[:-keep]:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            remove_snapshot(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def remove_temporaries(out_dir: Path, pid: int | str = "*") -> None:
     """Delete our temporary files (``.NAME.tmp-PID``) in ``out_dir``: those a run killed mid-write left, or with
     ``pid`` only that process's (a run exiting at once). Only ours: the out dir may be the user's working directory."""
-    patterns = [(out_dir, f".{FINAL_NAME}.tmp-{pid}"), (out_dir / SNAPSHOT_DIR, f".snapshot_step_*.pt.tmp-{pid}")]
+    patterns = [(out_dir, f".{FINAL_NAME}.tmp-{pid}"), (out_dir / SNAPSHOT_DIR, f".snapshot_step_*.tmp-{pid}")]
     patterns.append((out_dir, f".{PLOT_NAME}.tmp-{pid}"))
     patterns.append((out_dir / CACHE_DIR, f".*.tmp-{pid}"))
     for folder, pattern in patterns:
         if folder.is_dir():
             for path in folder.glob(pattern):
-                path.unlink(missing_ok=True)
+                if path.is_dir():  # a sharded snapshot's
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def check_writable(out_dir: Path) -> None:
@@ -158,9 +173,9 @@ def refuse_to_resume_over(out_dir: Path, source: Path, step: int) -> None:
             f"{_place(out_dir)} holds another run ({', '.join(found)}) that resuming {source.name} there would "
             "overwrite; resume into an empty --out-dir, or continue that run with --resume auto"
         )
-    later = [s for s, _ in snapshots if s > step]
+    later = [p.name for s, p in snapshots if s > step]
     if later or (final.exists() and source != final.resolve()):
-        newer = f"snapshot_step_{later[-1]}.pt" if later else FINAL_NAME
+        newer = later[-1] if later else FINAL_NAME
         raise OutDirError(
             f"{_place(out_dir)} holds a later point of this run ({newer}) that resuming step {step} there would "
             "prune or replace; resume into another --out-dir, or continue from the newest with --resume auto"
@@ -170,8 +185,8 @@ def refuse_to_resume_over(out_dir: Path, source: Path, step: int) -> None:
 class OutDirLock:
     """An exclusive lock on an out dir, so two runs never write into one. The OS drops it when the process dies."""
 
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / LOCK_NAME
+    def __init__(self, out_dir: Path, command: str = "training", flag: str = "--out-dir"):
+        self.path, self.command, self.flag = out_dir / LOCK_NAME, command, flag
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -182,8 +197,8 @@ class OutDirLock:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise OutDirError(
-                f"{self.path.parent} is in use by a running training (pid {owner}); wait for it, stop it, "
-                "or use another --out-dir"
+                f"{self.path.parent} is in use by a running {self.command} (pid {owner}); wait for it, stop it, "
+                f"or use another {self.flag}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)

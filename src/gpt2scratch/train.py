@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed, outdir, plot
-from .checkpoint import SnapshotWriter, all_finite, check_free_space, checkpoint_config, read_checkpoint
+from . import distributed, outdir, parallel, plot, sharded
+from .checkpoint import SnapshotWriter, all_finite, check_free_space, checkpoint_config
 from .config import GPTConfig, SamplingConfig, TrainConfig
-from .data import Progress, TokenLoader, prepare_corpus
+from .data import Progress, make_loader, prepare_corpus
 from .device import autocast, check_model_fits, configure_matmul, keep_freed_memory, pick_device, pick_dtype
 from .distributed import World
 from .errors import CheckpointError, Interrupted, TrainingDiverged, UsageError
@@ -33,6 +33,7 @@ from .generate import prompt_ids
 from .metrics import MetricsLog, progress_line
 from .model import GPT
 from .optim import lr_at, make_optimizer
+from .shards import ShardSet
 from .signals import StopSignals
 from .tokenizer import check_vocabulary
 from .trainstate import TrainState, allowed_changes, check_identity
@@ -102,24 +103,28 @@ def set_up(
     the first step: the out dir, the run's identity, the sample prompt, the disk space."""
     out_dir = Path(cfg.out_dir)
     allowed = allowed_changes(cfg)
-    resume_path, resume = find_resume(cfg, world)
+    fsdp = cfg.parallel == "fsdp" and world.enabled
+    resume_path, resume = find_resume(cfg, world, weights=not fsdp)  # FSDP reads a sharded snapshot's shards later
     if resume is not None:
         check_identity(cfg, resume, resume_path, world, None, allowed)  # the flags now, the input once hashed
     shape = cfg.model_config() if resume is None else checkpoint_config(resume, f"the checkpoint {resume_path}")
-    check_model_fits(
-        shape, device, 16, "to train (weights, gradients and AdamW state in fp32)", "choose a smaller shape"
-    )
+    purpose = "to train (weights, gradients and AdamW state in fp32"
+    purpose += f", split over {world.size} ranks)" if fsdp else ")"
+    check_model_fits(shape, device, 16, purpose, "choose a smaller shape", shards=world.size if fsdp else 1)
     corpus = prepare_corpus(cfg, out_dir / outdir.CACHE_DIR, world, progress)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = initial_model(cfg, resume).to(device)
     if world.is_main:
         check_before_training(cfg, model)
+    model = parallel.prepare(model, cfg, world, device, dtype)  # FSDP shards it: before the optimizer sees it
     state = TrainState(
         cfg=cfg,
         model=model,
         optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),  # bf16 needs no scaling
-        loader=TokenLoader(corpus.train, cfg.batch_size, cfg.seq_len, world.rank, world.size),
+        loader=make_loader(
+            corpus.train, cfg.batch_size, cfg.seq_len, world.rank, world.size, cfg.seed if cfg.shuffle_shards else None
+        ),
         corpus=corpus,
         world=world,
         device=device,
@@ -129,28 +134,32 @@ def set_up(
     if resume is not None:
         changes = check_identity(cfg, resume, resume_path, world, corpus.sha256, allowed)
         if "input" in changes:
-            resume = {**resume, "loader": {"position": 0}}  # another text: start at its beginning
+            resume = {**resume, "loader": state.loader.state_dict()}  # another input: start at its beginning
+        if "model_state_dict" not in resume:  # a sharded snapshot under FSDP: each rank reads the parts it holds
+            assert resume_path is not None
+            resume = {**resume, **sharded.load_into(resume_path, state.model, state.optimizer)}
         state.load_state_dict(resume, f"the checkpoint {resume_path}")
         if changes:
             state.changes.append({"step": state.step, "changed": changes})
-            log.info("resuming with changed %s (allowed by --allow-changed)", ", ".join(changes))
+            log.info("resuming with changed %s (allowed)", ", ".join(changes))
         log.info("resuming from %s (step %d)", resume_path, state.step)
     return state
 
 
-def find_resume(cfg: TrainConfig, world: World) -> tuple[Path | None, dict[str, Any] | None]:
+def find_resume(cfg: TrainConfig, world: World, weights: bool = True) -> tuple[Path | None, dict[str, Any] | None]:
     """The checkpoint to continue and its path (None, None for a fresh run), after the out-dir checks: a fresh run
-    never writes over an earlier run, and a resumed one never over another run or over its own later files."""
+    never writes over an earlier run, and a resumed one never over another run or over its own later files.
+    ``weights`` False: a sharded snapshot is read without its model and optimizer states."""
     out_dir = Path(cfg.out_dir)
     if cfg.resume is None:
         if world.is_main:
             outdir.refuse_to_overwrite(out_dir, plot=not cfg.no_plot)
         return None, None
     if cfg.resume == "auto":
-        path, checkpoint = outdir.latest_snapshot(out_dir)
+        path, checkpoint = outdir.latest_snapshot(out_dir, weights)
     else:
         path = Path(cfg.resume)
-        checkpoint = read_checkpoint(path)
+        checkpoint = sharded.load_checkpoint(path, weights)
     step = checkpoint.get("step")
     if type(step) is int and world.is_main:
         outdir.refuse_to_resume_over(out_dir, path, step)
@@ -201,21 +210,23 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
     """Step until the target loss, --max-steps or a stop signal; snapshot on the way; write the final model."""
     cfg, world = state.cfg, state.world
     out_dir = Path(cfg.out_dir)
-    parallel = distributed.wrap(state.model, world, state.device)  # DDP with several processes, else the model
-    forward = torch.compile(parallel) if cfg.compile else parallel
+    sharded_model = parallel.is_sharded(state.model)
+    wrapped = parallel.wrap(state.model, world, state.device)  # DDP with several processes, else the model
+    forward = torch.compile(wrapped) if cfg.compile and not sharded_model else wrapped  # FSDP: compiled per block
     if cfg.compile:
         log.info("compiling the model (the first step takes ~20-30 s longer)")
-    snapshots = Snapshots(out_dir, cfg.keep_snapshots, world)
+    snapshots = Snapshots(out_dir, cfg.keep_snapshots, world, sharded=sharded_model)
+    evaluates = world.is_main or sharded_model  # under FSDP a forward pass needs every rank
     tensorboard = out_dir / outdir.TENSORBOARD_DIR if cfg.tensorboard else None
     metrics = MetricsLog(out_dir / outdir.METRICS_NAME if world.is_main else None, state.step, tensorboard)
     first_step = state.step
-    questions = read_choices(cfg.hellaswag, cfg.hellaswag_limit) if cfg.hellaswag and world.is_main else None
+    questions = read_choices(cfg.hellaswag, cfg.hellaswag_limit) if cfg.hellaswag and evaluates else None
     note = {"changed_on_resume": state.changes[-1]["changed"]} if state.changes else {}  # on the first record
     try:
         while cfg.max_steps is None or state.step < cfg.max_steps:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg)
-            loss, grad_norm = train_step(state, parallel, forward, lr)
+            loss, grad_norm = train_step(state, wrapped, forward, lr)
             state.loss, stopping = agree(loss, stop.requested is not None, state, snapshots.last)
             record = {
                 "step": state.step,
@@ -228,7 +239,7 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
                 **note,
             }
             note = {}
-            if world.is_main and state.step % cfg.eval_interval == 0:
+            if evaluates and state.step % cfg.eval_interval == 0:
                 record.update(evaluate_now(state, questions))
             metrics.write(record)
             evaluated = "val_loss" in record or "hellaswag_acc" in record
@@ -253,7 +264,7 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
 
 
 def train_step(
-    state: TrainState, parallel: torch.nn.Module, forward: Callable[..., Any], lr: float
+    state: TrainState, wrapped: torch.nn.Module, forward: Callable[..., Any], lr: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step at learning rate ``lr``: micro-batches, clipping, update. Returns this rank's mean loss
     and the gradient norm (before clipping)."""
@@ -263,17 +274,14 @@ def train_step(
     loss_sum = torch.zeros((), device=state.device)
     for micro in range(cfg.grad_accum):
         x, y = state.loader.next_batch()
-        sync = distributed.gradient_sync(parallel, sync=micro == cfg.grad_accum - 1)
+        sync = parallel.gradient_sync(wrapped, sync=micro == cfg.grad_accum - 1)
         x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
         with sync, autocast(state.device, state.dtype):
             _, loss = forward(x, y, return_logits=False)  # the loss alone: see loss.py
         scaler.scale(loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)  # the true gradients, to clip and to log (a no-op without fp16's scaler)
-    if cfg.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)  # the norm before clipping
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in state.model.parameters() if p.grad is not None])
+    norm = parallel.clip_grad_norm(state.model, cfg.grad_clip)  # the norm before clipping, over every shard
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -310,10 +318,10 @@ def evaluate_now(state: TrainState, questions: list[Choice] | None) -> dict[str,
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, tokens: np.ndarray, state: TrainState) -> float:
-    """Mean loss over the first ``eval_batches`` windows of the validation tokens."""
+def validation_loss(model: torch.nn.Module, tokens: np.ndarray | ShardSet, state: TrainState) -> float:
+    """Mean loss over the first ``eval_batches`` windows of the validation tokens (or shards)."""
     cfg = state.cfg
-    loader = TokenLoader(tokens, cfg.batch_size, cfg.seq_len)
+    loader = make_loader(tokens, cfg.batch_size, cfg.seq_len)
     model.eval()
     total = torch.zeros((), device=state.device)
     for _ in range(cfg.eval_batches):
@@ -325,19 +333,23 @@ def validation_loss(model: torch.nn.Module, tokens: np.ndarray, state: TrainStat
 
 
 class Snapshots:
-    """The run's snapshots: written by rank 0 in the background, one at a time, never of non-finite weights.
+    """The run's snapshots: written by rank 0 in the background, one at a time, never of non-finite weights; with
+    ``sharded`` (FSDP), directories written by every rank (sharded.py), before ``save`` returns.
 
     Every rank calls ``save`` (building the state gathers every rank's RNG state).
     """
 
-    def __init__(self, out_dir: Path, keep: int, world: World):
-        self.out_dir, self.world = out_dir, world
-        hint = "free some space" + (", lower --keep-snapshots" if keep != 1 else "") + " or use another --out-dir"
-        self.writer = SnapshotWriter(functools.partial(outdir.prune, out_dir, keep), space_hint=hint)
+    def __init__(self, out_dir: Path, keep: int, world: World, sharded: bool = False):
+        self.out_dir, self.world, self.sharded = out_dir, world, sharded
+        self.hint = "free some space" + (", lower --keep-snapshots" if keep != 1 else "") + " or use another --out-dir"
+        self.prune = functools.partial(outdir.prune, out_dir, keep)
+        self.writer = SnapshotWriter(self.prune, space_hint=self.hint)
         self.last: Path | None = None  # the newest snapshot written by this run
 
     def save(self, state: TrainState, background: bool = True) -> Path:
         """Snapshot this step; with ``background`` False, return only once it is on disk."""
+        if self.sharded:
+            return self.save_sharded(state)
         checkpoint = state.state_dict()
         path = outdir.snapshot_path(self.out_dir, state.step)
         if not self.world.is_main:
@@ -353,13 +365,30 @@ class Snapshots:
             self.writer.wait()  # this step's snapshot may still be in flight: the caller needs it on disk, or its error
         return path
 
+    def save_sharded(self, state: TrainState) -> Path:
+        """Snapshot this step as a directory of every rank's shards (every rank writes; rank 0 renames it into place
+        once all have finished)."""
+        path = outdir.snapshot_path(self.out_dir, state.step, sharded=True)
+        if path == self.last:
+            return path
+        if not parallel.weights_finite(state.model, self.world):
+            raise TrainingDiverged(
+                f"the weights hold NaN/inf at step {state.step}; not saving them (last good: {self.last})"
+            )
+        tied = parallel.tied_names(state.model)
+        sharded.save_snapshot(state.state_dict(full=False), path, self.world, tied, self.prune, self.hint)
+        self.last = path
+        return path
+
     def save_final(self, state: TrainState) -> Path:
-        """The final model (rank 0 writes it, with checksums, before returning); every rank calls this."""
+        """The final model (rank 0 writes it, with checksums, before returning; under FSDP gathered onto rank 0 and
+        written in the same format); every rank calls this."""
         checkpoint = state.state_dict(kind="final")
+        finite = parallel.weights_finite(state.model, self.world)  # every rank: under FSDP each checks its shards
         path = self.out_dir / outdir.FINAL_NAME
         if self.world.is_main:
             self.writer.wait()
-            if not all_finite(state.model):
+            if not finite:
                 raise TrainingDiverged(f"the weights hold NaN/inf at step {state.step}; no final model written")
             self.writer.submit(checkpoint, path, background=False, checksums=True)
         return path

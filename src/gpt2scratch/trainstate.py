@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .checkpoint import FORMAT_VERSION, load_weights
+from . import __version__, parallel
+from .checkpoint import FORMAT_VERSION
 from .config import TrainConfig
-from .data import Corpus, TokenLoader
+from .data import Corpus, Loader
 from .distributed import World, gather_objects
 from .errors import CheckpointError, UsageError
 from .model import GPT
@@ -48,8 +48,15 @@ IDENTITY = {
     "grad_clip": "--grad-clip",
     "dropout": "--dropout",
     "seed": "--seed",
+    "shuffle_shards": "--shuffle-shards",
     "world_size": "the number of processes",
 }
+
+
+# How a step's batch is split: rows per micro-batch, micro-batches, processes. Changed together so that their product
+# (the sequences one step trains on) stays the same, they make the same run on another number of processes (what a
+# resharding resume does), so such a change needs no --allow-changed; it is still recorded.
+BATCH_SPLIT = ("batch_size", "grad_accum", "world_size")
 
 
 def run_identity(args: dict[str, Any], input_sha256: str | None, world_size: int | None) -> dict[str, Any]:
@@ -67,6 +74,19 @@ def identity_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str
         for name in IDENTITY
         if saved.get(name) is not None and current.get(name) is not None and saved[name] != current[name]
     }
+
+
+def same_batch_split(saved: dict[str, Any], current: dict[str, Any]) -> set[str]:
+    """The fields of BATCH_SPLIT in which two identities differ while the product of all three is the same: the same
+    global batch over another split. Empty when a product is unknown or the products differ."""
+
+    def product(values: dict[str, Any]) -> int | None:
+        factors = [values.get(name) for name in BATCH_SPLIT]
+        return math.prod(factors) if all(type(f) is int for f in factors) else None  # type: ignore[arg-type]
+
+    if product(saved) is None or product(saved) != product(current):
+        return set()
+    return {name for name in BATCH_SPLIT if saved[name] != current[name]}
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -105,13 +125,15 @@ def check_identity(
     allowed: set[str],
 ) -> dict[str, list[Any]]:
     """The identity fields in which this run differs from the checkpoint's; UsageError naming each that
-    --allow-changed does not allow. ``input_sha256`` None: the input is not compared (not hashed yet)."""
+    --allow-changed does not allow (nor BATCH_SPLIT's rule). ``input_sha256`` None: the input is not compared (not
+    hashed yet)."""
     metadata, args = checkpoint.get("metadata"), checkpoint.get("train_args")
     metadata = metadata if isinstance(metadata, dict) else {}
     args = args if isinstance(args, dict) else {}
     saved = run_identity(args, metadata.get("input_sha256"), metadata.get("world_size"))
-    changes = identity_changes(saved, run_identity(cfg.to_dict(), input_sha256, world.size))
-    refused = [name for name in changes if name not in allowed]
+    current = run_identity(cfg.to_dict(), input_sha256, world.size)
+    changes = identity_changes(saved, current)
+    refused = [name for name in changes if name not in allowed | same_batch_split(saved, current)]
     if refused:
 
         def describe(name: str) -> str:
@@ -136,7 +158,7 @@ class TrainState:
     model: GPT  # the plain module (never the DDP or compiled wrapper), so checkpoint keys are the model's own
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    loader: TokenLoader
+    loader: Loader
     corpus: Corpus
     world: World
     device: torch.device
@@ -151,15 +173,17 @@ class TrainState:
         cfg = self.cfg
         return cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world.size
 
-    def state_dict(self, kind: str = "snapshot") -> dict[str, Any]:
+    def state_dict(self, kind: str = "snapshot", full: bool = True) -> dict[str, Any]:
         """The checkpoint of this step. Every rank must call it (it gathers every rank's RNG state, so that each
-        continues its own dropout stream after a resume); rank 0 writes what it returns."""
+        continues its own dropout stream after a resume); rank 0 writes what it returns. Under FSDP, ``full`` gathers
+        the weights and optimizer state whole onto rank 0, and ``full`` False gives each rank's shards, keyed by
+        parameter name, for a sharded snapshot (parallel.py); elsewhere both are the module's and optimizer's own."""
         rngs = gather_objects(rng_state(self.device), self.world)
         return {
             "format_version": FORMAT_VERSION,
             "kind": kind,  # "snapshot" or "final"
-            "model_state_dict": self.model.state_dict(),
-            "optimizer_state_dict": self.optimizer.state_dict(),
+            "model_state_dict": parallel.model_state_dict(self.model, full),
+            "optimizer_state_dict": parallel.optimizer_state_dict(self.model, self.optimizer, full),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "config": self.model.config.to_dict(),
             "step": self.step,
@@ -191,8 +215,8 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
         """Put the run where ``state`` (a checkpoint as ``state_dict`` made it) left it; CheckpointError, naming
         the field, if it lacks what resuming needs or a field is malformed."""
-        check_resumable(state, source, len(self.loader.tokens))
-        load_weights(self.model, state["model_state_dict"], source)
+        check_resumable(state, source, self.loader)
+        parallel.load_model_state_dict(self.model, state["model_state_dict"], source)
         self.step, self.loss = state["step"], float(state["loss"])
         metadata = state.get("metadata")
         changes = metadata.get("changed_on_resume") if isinstance(metadata, dict) else None
@@ -200,7 +224,7 @@ class TrainState:
         check_optimizer_state(state["optimizer_state_dict"], self.optimizer, self.step, source)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         with _as_checkpoint_error(source, "optimizer_state_dict", "does not fit this model's optimizer"):
-            self.optimizer.load_state_dict(state["optimizer_state_dict"])
+            parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer_state_dict"])
         for group, own in zip(self.optimizer.param_groups, settings, strict=True):
             group.update(own)  # the moments are the checkpoint's; the settings this run's (checked by the identity)
         self.loader.load_state_dict(state["loader"])
@@ -215,7 +239,7 @@ class TrainState:
                 self.scaler.load_state_dict(state["scaler"])
 
 
-def check_resumable(state: dict[str, Any], source: str, num_tokens: int) -> None:
+def check_resumable(state: dict[str, Any], source: str, loader: Loader) -> None:
     """CheckpointError naming the first field that resuming needs and ``state`` lacks or holds malformed."""
     missing = [key for key in RESUMABLE if key not in state]
     if missing:
@@ -227,14 +251,14 @@ def check_resumable(state: dict[str, Any], source: str, num_tokens: int) -> None
     def bad(field: str, why: str) -> CheckpointError:
         return CheckpointError(f"{source} is damaged: its {field} {why}; resume from another snapshot")
 
-    step, loss, loader = state["step"], state["loss"], state["loader"]
+    step, loss = state["step"], state["loss"]
     if type(step) is not int or step < 0:
         raise bad("step", f"is {step!r}, not a whole number >= 0")
     if type(loss) not in (int, float) or not (math.isfinite(loss) or step == 0):  # no step yet: no loss
         raise bad("loss", f"is {loss!r}, not a finite number")
-    position = loader.get("position") if isinstance(loader, dict) else None
-    if type(position) is not int or not 0 <= position < num_tokens:
-        raise bad("loader position", f"is {position!r}, not a place in the input's {num_tokens} tokens")
+    problem = loader.state_problem(state["loader"])  # the loader knows its own state: a position, or a shard's
+    if problem is not None:
+        raise bad(*problem)
     optimizer = state["optimizer_state_dict"]
     if not isinstance(optimizer, dict) or not optimizer.get("param_groups") or "state" not in optimizer:
         raise bad("optimizer_state_dict", "holds no optimizer state")
@@ -254,6 +278,13 @@ def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimize
             "from another snapshot"
         )
 
+    groups = saved["param_groups"]
+    lists = isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    if lists and any(isinstance(name, str) for group in groups for name in group["params"]):
+        try:  # a sharded snapshot's state, keyed by parameter name: numbered as the groups list the names
+            saved = parallel.by_index(saved)
+        except (KeyError, TypeError, AttributeError):
+            raise unfit("its state names parameters that none of its groups lists") from None
     groups, moments = saved["param_groups"], saved["state"]
     if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
         count = len(groups) if isinstance(groups, list) else repr(groups)
