@@ -142,8 +142,12 @@ OPTIMIZER_DAMAGE = {
         "it holds state for parameters that none of its groups lists",
     ),
     "ids-not-integers": (
-        lambda opt: opt["param_groups"][1].__setitem__("params", ["a"] * len(opt["param_groups"][1]["params"])),
+        lambda opt: opt["param_groups"][1].__setitem__("params", [0.5] * len(opt["param_groups"][1]["params"])),
         "parameter group 1 does not list",
+    ),
+    "names-unknown": (  # keyed by name, as a sharded snapshot's state is, but by names its state does not use
+        lambda opt: opt["param_groups"][1].__setitem__("params", ["a"] * len(opt["param_groups"][1]["params"])),
+        "its state names parameters that none of its groups lists",
     ),
 }
 
