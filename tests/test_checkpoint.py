@@ -11,6 +11,7 @@ import json
 import pickle
 import random
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,9 +19,18 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT, TINY, RunsCommand, digest, file_size_limit, temporaries
 
-from gpt2scratch.checkpoint import FORMAT_VERSION, SnapshotWriter, all_finite, read_checkpoint
+from gpt2scratch import device
+from gpt2scratch.checkpoint import (
+    FORMAT_VERSION,
+    SnapshotWriter,
+    all_finite,
+    model_from_checkpoint,
+    read_checkpoint,
+    replace_atomically,
+)
 from gpt2scratch.convert import config_to_hf, model_from_hf_dir
-from gpt2scratch.errors import CheckpointError, OutDirError
+from gpt2scratch.errors import CheckpointError, OutDirError, UsageError
+from gpt2scratch.model import GPT
 from gpt2scratch.outdir import list_snapshots, prune, snapshot_path
 
 
@@ -265,3 +275,76 @@ def test_all_finite_catches_nan_and_inf_but_not_large_finite_weights() -> None:
         assert not all_finite(model)
         model[1].bias[3] = float("-inf")
         assert not all_finite(model)
+
+
+def test_a_raw_pickle_is_refused_without_torch_s_protocol_warning(tmp_path: Path) -> None:
+    """The sweep: torch warned "Detected pickle protocol 4" (two lines on stderr) before our one-line refusal."""
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(RunsCommand(f"touch {tmp_path / 'pwned'}"), protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="refused to load"):
+            read_checkpoint(path)
+        assert not caught, [str(w.message) for w in caught]
+        with contextlib.suppress(Exception):  # the control: torch.load itself warns on this file
+            torch.load(path, weights_only=True)
+    assert any("Detected pickle protocol" in str(w.message) for w in caught)
+    assert not (tmp_path / "pwned").exists()
+
+
+def checkpoint_of(config: dict, model: GPT) -> dict:
+    return {"format_version": FORMAT_VERSION, "config": config, "model_state_dict": model.state_dict()}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"block_size": 10**12}, r"wpe\.weight has shape \(64, 32\), the config needs \(1000000000000, 32\)"),
+        ({"n_embd": 2**20, "n_head": 1}, r"wte\.weight has shape \(50257, 32\), the config needs \(50257, 1048576\)"),
+        ({"n_layer": 10**6}, r"missing \['transformer\.h\.2\.\*'\] \(the config has n_layer=1000000, the weights 2"),
+    ],
+    ids=["block_size", "n_embd", "n_layer"],
+)
+def test_a_config_that_its_weights_contradict_is_refused_before_the_model_is_built(change: dict, message: str) -> None:
+    """The sweep: a damaged config's block_size was an allocation error of 128 TB, a huge n_layer hung generate
+    and export while a million layers were built. Building either would fail or take hours: refused at once."""
+    model = GPT(TINY)
+    checkpoint = checkpoint_of({**TINY.to_dict(), **change}, model)
+    with pytest.raises(CheckpointError, match=message):
+        model_from_checkpoint(checkpoint, "ck.pt")
+
+
+@pytest.mark.parametrize("config", [{"n_layer": "2"}, {1: 2}, {"colour": "red"}], ids=["text", "int-key", "unknown"])
+def test_a_damaged_config_is_a_checkpoint_error(config: dict) -> None:
+    with pytest.raises(CheckpointError, match=r"^ck\.pt is damaged: its "):
+        model_from_checkpoint(checkpoint_of({**TINY.to_dict(), **config}, GPT(TINY)), "ck.pt")
+
+
+def test_a_model_larger_than_the_free_memory_is_refused_before_it_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same check as training's, with fp32 weights alone: generate, eval, export and --init-from load this way."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 2000000 kB\nMemAvailable: 10000 kB\n")  # 10 MB; the tiny model's weights are 6.5
+    monkeypatch.setattr(device, "MEMINFO", meminfo)
+    checkpoint = checkpoint_of(TINY.to_dict(), GPT(TINY))
+    assert model_from_checkpoint(checkpoint, "ck.pt").config == TINY
+    meminfo.write_text("MemTotal: 2000000 kB\nMemAvailable: 5000 kB\n")
+    message = (
+        r"of 1\.6M parameters needs at least 0\.01 GB to load \(fp32 weights\), more than the 0\.01 GB free; ck\.pt"
+    )
+    with pytest.raises(UsageError, match=message):
+        model_from_checkpoint(checkpoint, "ck.pt")
+
+
+def test_a_write_that_fails_in_any_way_leaves_no_temporary(tmp_path: Path) -> None:
+    """The sweep: a failure other than an OSError (matplotlib's ValueError while drawing loss.png) left the
+    temporary file behind; so would a stop signal."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise ValueError("cannot draw")
+
+    with pytest.raises(ValueError, match="cannot draw"):
+        replace_atomically(tmp_path / "p.png", 0, write)
+    assert not list(tmp_path.iterdir())

@@ -7,6 +7,7 @@ checkpoint that does not fit). A user's mistake is never reported as an internal
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -185,6 +186,73 @@ CASES.update(
 )
 
 
+def _with_optimizer_state(snap: Path, path: Path, change: Callable[[dict], object]) -> None:
+    state = torch.load(snap, weights_only=True)
+    for moments in state["optimizer_state_dict"]["state"].values():
+        change(moments)
+    torch.save(state, path)
+
+
+def _with_config(snap: Path, path: Path, **change: int) -> None:
+    state = torch.load(snap, weights_only=True)
+    torch.save({**state, "config": {**state["config"], **change}}, path)
+
+
+def _run_dir(path: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(content)
+
+
+# The late sweep on 6d7295c: internal errors, crashes and late failures, each now one line before anything runs.
+FILES.update(
+    {
+        "small-moments.pt": lambda path, snap: _with_optimizer_state(
+            snap, path, lambda m: m.update(exp_avg=torch.zeros(3), exp_avg_sq=torch.zeros(3))
+        ),
+        "huge-block.pt": lambda path, snap: _with_config(snap, path, block_size=10**12),
+        "huge-layers.pt": lambda path, snap: _with_config(snap, path, n_layer=10**6),
+        "hf-array": lambda path, snap: (path.mkdir(), (path / "config.json").write_text("[1, 2]")),
+        "evil.pkl": lambda path, snap: path.write_bytes(pickle.dumps(RunsCommand(f"touch {path.parent / 'pwned'}"))),
+        "metrics-only": lambda path, snap: _run_dir(path, {"metrics.jsonl": b'{"step": 1, "loss": 10.9}\n'}),
+        "snapshots-a-file": lambda path, snap: _run_dir(path, {"snapshots": b"my notes"}),
+        "damaged-run": lambda path, snap: _run_dir(path, {"snapshots/snapshot_step_2.pt": snap.read_bytes()[:5000]}),
+    }
+)
+CASES.update(
+    {
+        "resume-smaller-moments": Case(
+            (*TRAIN, "--resume", "small-moments.pt", "--max-steps", "5"),
+            1,
+            r"small-moments\.pt is damaged: its optimizer_state_dict does not fit .* exp_avg is a tensor .*\(3,\)",
+        ),
+        "generate-checkpoint-empty": Case(("generate", "--checkpoint", ""), 2, r"^error: --checkpoint must not be"),
+        "generate-config-json-array": Case(("generate", "--pretrained", "hf-array"), 1, r"holds an array, not a JSON"),
+        "generate-huge-block-size": Case(
+            ("generate", "--checkpoint", "huge-block.pt"), 1, r"wpe\.weight has shape \(64, 32\), the config needs"
+        ),
+        "export-huge-n-layer": Case(("export", "huge-layers.pt", "hf"), 1, r"the config has n_layer=1000000"),
+        "eval-huge-n-layer": Case(
+            ("eval", "--checkpoint", "huge-layers.pt", "--perplexity", "text.txt"), 1, r"n_layer=1000000"
+        ),
+        "generate-raw-pickle": Case(("generate", "--checkpoint", "evil.pkl"), 1, r"^error: refused to load evil\.pkl"),
+        "fresh-run-over-metrics": Case(
+            (*TRAIN, "--out-dir", "metrics-only"), 1, r"already holds metrics\.jsonl of an earlier run .*; move it"
+        ),
+        "weight-decay-huge": Case((*TRAIN, "--weight-decay", "1e30"), 2, r"would zero or flip every weight"),
+        "snapshots-a-file": Case(
+            (*TRAIN, "--out-dir", "snapshots-a-file"), 1, r"snapshots is in the way: a run writes a directory there"
+        ),
+        "resume-auto-all-damaged": Case(
+            (*TRAIN, "--out-dir", "damaged-run", "--resume", "auto", "--max-steps", "5"),
+            1,
+            r"no snapshot in damaged-run/snapshots loads \(snapshot_step_2\.pt: damaged.*--resume PATH",
+        ),
+        "hellaswag-empty": Case((*TRAIN, "--hellaswag", ""), 2, r"--hellaswag must not be empty"),
+    }
+)
+
+
 # Issue 12: token shards and prepare's inputs.
 def _shard(path: Path, magic: int = 20240520, count: int = 200, tokens: int = 200) -> None:
     path.mkdir()
@@ -264,6 +332,7 @@ def test_bad_input_is_one_line_and_an_exit_code(
         if name in FILES and not (tmp_path / name).exists():
             FILES[name](tmp_path / name, snapshot)
     args = argv[1:] if form == "train.py" else argv
+    before = files_of(tmp_path)
     result = run_cli(*args, cwd=tmp_path, timeout=120, script=FORMS[form])
     output = result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -273,6 +342,13 @@ def test_bad_input_is_one_line_and_an_exit_code(
     assert re.search(message, lines[0]), lines[0]
     assert result.returncode == code, lines[0]
     assert not (tmp_path / "pwned").exists()
+    after = files_of(tmp_path)
+    assert {name: after.get(name) for name in before} == before, "a refused command changed or deleted a file"
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``folder``, but the lock (which a run takes over: pid written in it)."""
+    return {str(p): digest(p) for p in folder.rglob("*") if p.is_file() and p.name != ".gpt2scratch.lock"}
 
 
 # Issue 16, item 4: the environment is read inside the error handling; only training is distributed.
@@ -287,6 +363,14 @@ ENV_CASES = {
         "",
     ),
     "export-ignores-it": ({"WORLD_SIZE": "2"}, ("export", "snap.pt", "exported"), 0, ""),
+    # the sweep: libgomp printed two lines of its own, and the command went on
+    "omp-threads-not-a-number": (
+        {"OMP_NUM_THREADS": "abc"},
+        ("generate", "--checkpoint", "snap.pt"),
+        2,
+        r"^error: OMP_NUM_THREADS='abc' in the environment is not a number of threads",
+    ),
+    "omp-threads-empty": ({"OMP_NUM_THREADS": ""}, TRAIN, 2, r"OMP_NUM_THREADS='' in the environment"),
 }
 
 

@@ -8,7 +8,19 @@ import pytest
 import torch
 
 from gpt2scratch.cli import build_parser, from_args
-from gpt2scratch.config import PRESETS, GenerateConfig, GPTConfig, SamplingConfig, TrainConfig, flag, preset
+from gpt2scratch.config import (
+    PRESETS,
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    GPTConfig,
+    ModelSource,
+    PlotConfig,
+    SamplingConfig,
+    TrainConfig,
+    flag,
+    preset,
+)
 from gpt2scratch.errors import ConfigError, UsageError
 from gpt2scratch.model import GPT
 
@@ -136,6 +148,13 @@ def test_train_config_overrides_the_preset() -> None:
         ({"weight_decay": float("inf")}, "--weight-decay must be zero or positive, got inf"),
         ({"target_loss": float("nan")}, "--target-loss must be a number"),
         ({"input": ""}, "--input must not be empty"),
+        ({"hellaswag": ""}, "--hellaswag must not be empty"),  # the sweep: it was silently ignored
+        ({"resume": ""}, "--resume must not be empty"),
+        ({"init_from": ""}, "--init-from must not be empty"),
+        ({"weight_decay": 1e30}, r"--weight-decay 1e\+30 with --lr 0\.0003 would zero or flip every weight"),
+        ({"grad_accum": 10**20}, r"--grad-accum must be below 2\*\*63, got 10{20}"),  # the sweep: an OverflowError
+        ({"max_steps": 2**63}, r"--max-steps must be below 2\*\*63"),
+        ({"weight_decay": 5000.0}, r"keep it below 3333\.33"),  # the sweep: 1e30 failed only at step 2, as NaN
         ({"val_fraction": 1.0}, r"--val-fraction must be in \[0, 1\)"),
         ({"val_fraction": -0.1}, "--val-fraction"),
         ({"input": "a.txt", "data": "shakespeare"}, "either --input or --data"),
@@ -147,6 +166,32 @@ def test_train_config_overrides_the_preset() -> None:
 def test_train_config_rejects_out_of_range_flags(overrides: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         TrainConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (lambda: ModelSource(checkpoint=""), "--checkpoint must not be empty"),  # the sweep: an internal assert
+        (lambda: ModelSource(pretrained=""), "--pretrained must not be empty"),
+        (lambda: EvalConfig(ModelSource(pretrained="gpt2"), hellaswag=""), "--hellaswag must not be empty"),
+        (lambda: EvalConfig(ModelSource(pretrained="gpt2"), perplexity=""), "--perplexity must not be empty"),
+        (lambda: ExportConfig("", "hf"), "CHECKPOINT must not be empty"),
+        (lambda: ExportConfig("final_model.pt", ""), "OUT_DIR must not be empty"),  # "" was the working directory
+        (lambda: PlotConfig([""]), "a run to plot must not be empty"),
+    ],
+    ids=["checkpoint", "pretrained", "hellaswag", "perplexity", "export-checkpoint", "export-out-dir", "plot"],
+)
+def test_an_empty_path_is_refused_by_every_command(command, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        command()
+
+
+@pytest.mark.parametrize("config", [*PRESETS.values(), GPTConfig(n_layer=3, n_head=2, n_embd=16, bias=False)])
+def test_parameter_count_from_the_config_is_the_model_s(config: GPTConfig) -> None:
+    """The count that memory checks use before any model is built."""
+    with torch.device("meta"):
+        model = GPT(config)
+    assert config.num_params() == model.num_params()
 
 
 def test_flag_spelling() -> None:

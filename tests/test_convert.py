@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, digest, file_size_limit, run_cli, skip_without, temporaries
+from conftest import TINY, assert_one_line_error, digest, file_size_limit, run_cli, skip_without, temporaries
 
 from gpt2scratch.checkpoint import FORMAT_VERSION
 from gpt2scratch.config import GPTConfig
 from gpt2scratch.convert import export
-from gpt2scratch.errors import CheckpointError, ConfigError, GPT2ScratchError, OutDirError
+from gpt2scratch.errors import CheckpointError, ConfigError, GPT2ScratchError, OutDirError, Stopped
 from gpt2scratch.model import GPT
+from gpt2scratch.signals import stopping_at_once
 from gpt2scratch.tokenizer import encode
 
 needs_transformers = skip_without("transformers")
@@ -289,6 +294,85 @@ def test_force_replaces_only_a_model_directory(tmp_path: Path) -> None:
         export(random_model(SMALL), run / "final_model.pt", force=True)
 
 
+def _files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): digest(p) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_force_does_not_delete_a_working_directory_holding_a_config_json(tmp_path: Path) -> None:
+    """The sweep: `export CK . --force` in a training run's directory that held a config.json replaced the whole
+    directory (final_model.pt, input.txt, snapshots/ deleted)."""
+    (tmp_path / "snapshots").mkdir()
+    for name in ("config.json", "final_model.pt", "input.txt", "snapshots/snapshot_step_10.pt"):
+        (tmp_path / name).write_text(name)
+    write_checkpoint(random_model(SMALL), tmp_path / "final_model.pt")
+    before = _files(tmp_path)
+    result = run_cli("export", "final_model.pt", ".", "--force", cwd=tmp_path)
+    assert_one_line_error(result.returncode, result.stderr, 1, "holds files an export does not write")
+    assert "final_model.pt, input.txt, snapshots" in result.stderr
+    assert _files(tmp_path) == before
+
+
+def test_force_does_not_delete_the_checkpoint_being_exported(tmp_path: Path) -> None:
+    """The sweep: `export hf/final_model.pt hf --force` deleted the checkpoint it exported. Also under a name that a
+    model directory may hold (pytorch_model.bin), which the list of a model's files alone would let through."""
+    hf = tmp_path / "hf"
+    export(random_model(SMALL), hf)
+    for name in ("final_model.pt", "pytorch_model.bin"):
+        write_checkpoint(random_model(SMALL), hf / name)
+        before = _files(hf)
+        result = run_cli("export", f"hf/{name}", "hf", "--force", cwd=tmp_path)
+        assert result.returncode == 1 and _files(hf) == before, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        (hf / name).unlink()
+    assert "holds the checkpoint being exported (hf/pytorch_model.bin)" in result.stderr
+    assert "holds files an export does not write (final_model.pt)" not in result.stderr
+
+
+def test_force_replaces_a_model_directory_but_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hf = tmp_path / "hf"
+    export(random_model(SMALL), hf)
+    (hf / "special_tokens_map.json").write_text("{}")  # what save_pretrained adds: still a model directory
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"shard")
+    model = random_model(OTHER_VOCABULARY)
+    monkeypatch.chdir(hf)
+    with pytest.raises(OutDirError, match=r"\. is the working directory, which --force would delete"):
+        export(model, Path("."), force=True)
+    assert (hf / "special_tokens_map.json").exists()
+    monkeypatch.chdir(tmp_path)
+    export(model, Path("hf"), force=True)
+    assert {p.name for p in hf.iterdir()} == {"config.json", "model.safetensors", "generation_config.json"}
+    assert json.loads((hf / "config.json").read_text())["vocab_size"] == 1000
+    assert not temporaries(tmp_path)
+
+
+def test_an_export_stopped_while_it_writes_leaves_nothing(tmp_path: Path) -> None:
+    """A SIGTERM while the weights are written (a real signal, sent once the temporary directory holds them):
+    neither the target nor a temporary directory is left. The handler is the command line's (signals.py)."""
+    model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=256, block_size=64))  # 52 MB of weights: ~0.1 s or more
+    out = tmp_path / "hf"
+    weights = tmp_path / f".hf.tmp-{os.getpid()}" / "model.safetensors"
+
+    def stop_once_writing() -> None:
+        while not weights.exists():
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    thread = threading.Thread(target=stop_once_writing, daemon=True)
+    try:
+        with pytest.raises(Stopped, match="stopped by SIGTERM"), stopping_at_once():
+            thread.start()
+            export(model, out)
+            time.sleep(1)  # finished before the signal came: it is handled here, and the checks below fail
+    finally:
+        for sig, handler in previous.items():  # a stop leaves them ignored
+            signal.signal(sig, handler)
+    assert not out.exists(), "the export was not stopped while it wrote"
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
 def test_export_on_a_full_disk_changes_nothing(tmp_path: Path) -> None:
     """A write that fails (here past a file size limit) is one OutDirError; no half-written directory is left under
     the final name or a temporary one, and a directory that --force would replace is still the old one."""
@@ -397,6 +481,24 @@ def test_invalid_config_json(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]", r"config\.json holds an array, not a JSON object of settings"),
+        ('"gpt2"', r"config\.json holds a string, not a JSON object"),
+        (json.dumps(tiny_hf_config(n_embd=None)), r"config\.json: model config: n_embd must be a positive integer"),
+        (json.dumps(tiny_hf_config(n_layer="2")), r"config\.json: model config: n_layer must be a positive integer"),
+    ],
+    ids=["array", "string", "n_embd-null", "n_layer-text"],
+)
+def test_a_config_json_that_is_not_settings_is_one_error(content: str, message: str, tmp_path: Path) -> None:
+    """The sweep: a config.json holding a list was an internal AttributeError, a null n_embd a TypeError."""
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(GPT2ScratchError, match=message) as failure:
+        GPT.from_pretrained(str(tmp_path))
+    assert isinstance(failure.value, (CheckpointError, ConfigError)) and "\n" not in str(failure.value)
 
 
 def test_truncated_safetensors(tmp_path: Path) -> None:

@@ -4,6 +4,12 @@ combined batch, writes its files once, and resumes."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +17,8 @@ import pytest
 import torch
 import torch.distributed
 from conftest import (  # one thread per rank
+    ONE_THREAD,
+    REPO,
     SAMPLE_TEXT,
     TINY_TRAIN_FLAGS,
     assert_close_losses,
@@ -106,6 +114,34 @@ def test_resume_with_dropout_under_torchrun_is_exact(dropout_runs: Path) -> None
     straight, resumed = metrics(dropout_runs / "straight"), metrics(dropout_runs / "resumed")
     assert [r["step"] for r in resumed] == [3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[2:]]
+
+
+def test_a_rank_waiting_for_a_master_that_never_answers_stops_on_sigterm(tmp_path: Path) -> None:
+    """The sweep: with a wrong MASTER_ADDR/PORT, a rank waited in torch's rendezvous (30 minutes, in C++), where
+    SIGTERM did nothing but make torch print a C++ stack; now it stops in one line with 128 + 15. The master here
+    accepts the connection and never answers, so the rank is known to be waiting when the signal is sent."""
+    (tmp_path / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    with socket.socket() as master:
+        master.bind(("127.0.0.1", 0))
+        master.listen()
+        master.settimeout(120)
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **ONE_THREAD, "WORLD_SIZE": "2", "RANK": "1",
+               "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master.getsockname()[1])}  # fmt: skip
+        command = [sys.executable, "-m", "gpt2scratch", "train", *FLAGS, "--max-steps", "2"]
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        try:
+            connection, _ = master.accept()  # the rank is in the rendezvous now
+            with connection:
+                time.sleep(1)
+                sent = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM and err == "error: stopped by SIGTERM\n", err
+    assert time.monotonic() - sent < 15
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,10 @@ BAD_QUESTIONS = {
     "one-ending": ('{"ctx": "a", "endings": ["b"], "label": 0}\n', r":1: 'endings' or 'choices' must be a list"),
     "label-out-of-range": ('{"context": "a", "choices": ["b", "c"], "label": 2}\n', r":1: label 2 is not an index"),
     "empty": ("\n\n", r"holds no questions"),
+    "not-utf8": (  # the sweep: an internal UnicodeDecodeError
+        b'{"ctx": "a", "endings": ["b", "c"], "label": 0}\n\xff\xfe\n',
+        r"questions\.jsonl:2: not UTF-8 text",
+    ),
 }
 
 
@@ -144,7 +148,7 @@ BAD_QUESTIONS = {
 def test_bad_question_files_name_the_line(case: str, tmp_path: Path) -> None:
     content, message = BAD_QUESTIONS[case]
     path = tmp_path / "questions.jsonl"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataError, match=message):
         evaluate.read_choices(path)
 

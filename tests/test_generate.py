@@ -14,7 +14,7 @@ import torch
 from conftest import ONE_THREAD, assert_one_line_error, run_cli
 
 from gpt2scratch import cli
-from gpt2scratch import generate as generation
+from gpt2scratch import device as device_module
 from gpt2scratch.config import GPTConfig, SamplingConfig
 from gpt2scratch.convert import export
 from gpt2scratch.errors import CheckpointError, UsageError
@@ -322,7 +322,7 @@ def test_generation_that_does_not_fit_in_memory_is_refused(
 ) -> None:
     """The estimate (KV cache, logits, tokens) is compared with MemAvailable before anything is allocated."""
     meminfo = tmp_path / "meminfo"
-    monkeypatch.setattr(generation, "MEMINFO", meminfo)
+    monkeypatch.setattr(device_module, "MEMINFO", meminfo)
     meminfo.write_text("MemTotal:     2000000 kB\nMemAvailable: 1000000 kB\n")
     # 2,000 rows of fp32 logits with sampling's copies are 1.6 GB (the KV cache of this tiny model is 12 MB)
     message = r"--num-samples 2000 of 12 tokens needs about 1\.6\d GB .* the 1\.02 GB available"
@@ -332,5 +332,15 @@ def test_generation_that_does_not_fit_in_memory_is_refused(
     sampling = SamplingConfig(num_samples=3, max_new_tokens=4)
     with pytest.raises(UsageError, match="--num-samples 1 of 12 tokens"):
         next(stream_text(model, PROMPT, sampling))
-    monkeypatch.setattr(generation, "MEMINFO", tmp_path / "absent")  # not Linux: no check
+    monkeypatch.setattr(device_module, "MEMINFO", tmp_path / "absent")  # not Linux: no check
     assert len(generate_text(model, PROMPT, sampling)) == 3
+
+
+def test_samples_a_terminal_cannot_show_are_escaped_not_a_crash(tmp_path: Path, hf_dir: Path) -> None:
+    """The sweep: with an ASCII-only stdout (LC_ALL=C, PYTHONIOENCODING=ascii) printing a sample was an internal
+    UnicodeEncodeError."""
+    env = {"PYTHONIOENCODING": "ascii", "LC_ALL": "C", **ONE_THREAD}
+    args = ["--pretrained", str(hf_dir), "--prompt", "caf\u00e9 \u65e5", "--max-new-tokens", "2", "--num-samples", "1"]
+    result = run_cli("generate", *args, "--device", "cpu", cwd=tmp_path, env=env)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert "caf\\xe9 \\u65e5" in result.stdout

@@ -108,3 +108,13 @@ def test_a_run_with_tensorboard_writes_its_metrics_as_events(tmp_path: Path, tex
         assert [value for _, value in events[tag]] == pytest.approx([value for _, value in logged], rel=1e-6), tag
     assert [step for step, _ in events["train/loss"]] == [1, 2, 3]
     assert [step for step, _ in events["val/loss"]] == [2]
+
+
+def test_a_resumed_log_drops_what_is_not_text_and_keeps_its_steps(tmp_path: Path) -> None:
+    """The sweep: resuming a run whose metrics.jsonl held bytes that are not UTF-8 was an internal error."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 9.0}\n\xff\xfe torn\n{"step": 2, "loss": 8.0}\n{"step": 3, "loss": 7.0}\n')
+    log = MetricsLog(path, after_step=2)
+    log.write({"step": 3, "loss": 6.5})
+    log.close()
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path)] == [(1, 9.0), (2, 8.0), (3, 6.5)]

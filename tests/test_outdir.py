@@ -14,12 +14,13 @@ from gpt2scratch.errors import CheckpointError, OutDirError
 from gpt2scratch.outdir import (
     FINAL_NAME,
     OutDirLock,
+    check_writable,
     latest_snapshot,
     list_snapshots,
     prune,
     refuse_to_overwrite,
     refuse_to_resume_over,
-    remove_stale_temporaries,
+    remove_temporaries,
     snapshot_path,
 )
 
@@ -67,7 +68,7 @@ def test_sharded_snapshots_are_listed_pruned_and_cleaned_up_like_files(tmp_path:
         "snapshot_step_6.pt",
         "snapshot_step_8",
     ]
-    remove_stale_temporaries(tmp_path)
+    remove_temporaries(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["snapshot_step_4", "snapshot_step_6.pt", "snapshot_step_8"]
 
 
@@ -106,6 +107,51 @@ def test_resume_auto_in_a_finished_run_points_at_its_final_model(tmp_path: Path)
         latest_snapshot(tmp_path)
     assert f"--resume {tmp_path / FINAL_NAME} and a lower --target-loss" in str(failure.value)
     assert "start without --resume" not in str(failure.value)
+
+
+def test_resume_auto_with_only_damaged_snapshots_says_which_and_what_to_do(tmp_path: Path) -> None:
+    """The sweep: with a corrupt newest snapshot and no good one, --resume auto said "start without --resume",
+    which the damaged snapshot then made a fresh run refuse, pointing back at --resume auto."""
+    for step in (4, 6):
+        snapshot_path(tmp_path, step).parent.mkdir(exist_ok=True)
+        snapshot_path(tmp_path, step).write_bytes(b"cut short")
+    with pytest.raises(CheckpointError, match="no snapshot") as failure:
+        latest_snapshot(tmp_path)
+    message = str(failure.value)
+    assert "(snapshot_step_6.pt, snapshot_step_4.pt: damaged, see above)" in message, message
+    assert "--resume PATH" in message and "another --out-dir" in message and "without --resume" not in message
+    (tmp_path / FINAL_NAME).write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=f"continue the finished run with --resume {tmp_path / FINAL_NAME}"):
+        latest_snapshot(tmp_path)
+
+
+@pytest.mark.parametrize("left", [["metrics.jsonl"], ["loss.png"], ["metrics.jsonl", "loss.png"]])
+def test_a_fresh_run_is_refused_where_a_run_without_snapshots_left_its_metrics(left: list[str], tmp_path: Path) -> None:
+    """The sweep: a fresh run over a directory holding only another run's metrics.jsonl replaced it."""
+    (tmp_path / "metrics.jsonl").write_text("")  # an empty file holds nothing to lose
+    refuse_to_overwrite(tmp_path)
+    for name in left:
+        (tmp_path / name).write_text('{"step": 1}\n')
+    with pytest.raises(OutDirError, match=f"already holds {' and '.join(left)} of an earlier run") as failure:
+        refuse_to_overwrite(tmp_path)
+    assert "move" in str(failure.value) and "another --out-dir" in str(failure.value)
+    if left == ["loss.png"]:
+        refuse_to_overwrite(tmp_path, plot=False)  # --no-plot: this run does not draw one
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("snapshots", "file"), ("token_cache", "file"), ("final_model.pt", "dir"), ("metrics.jsonl", "dir")],
+)
+def test_a_name_the_run_writes_taken_by_another_kind_of_file_is_refused_at_once(
+    name: str, kind: str, tmp_path: Path
+) -> None:
+    """The sweep: a file named snapshots was a FileExistsError at the first snapshot, after the first steps."""
+    check_writable(tmp_path)
+    (tmp_path / name).mkdir() if kind == "dir" else (tmp_path / name).write_text("mine")
+    wanted = "a regular file" if kind == "dir" else "a directory"
+    with pytest.raises(OutDirError, match=rf"{name} is in the way: a run writes {wanted} there; move it away"):
+        check_writable(tmp_path)
 
 
 def make_run(folder: Path, steps: list[int], final: bool = False, metrics: bool = True) -> None:

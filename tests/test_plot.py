@@ -148,3 +148,33 @@ def test_a_run_leaves_loss_png_in_its_out_dir(trained_snapshot: Path) -> None:
     image = imread(out / "loss.png")
     assert image.shape == (800, 1200, 4)
     assert pixels_of(image, BLUE) > 0  # its curves are drawn
+
+
+@needs_matplotlib
+def test_values_that_are_not_numbers_of_a_sane_size_are_not_drawn(tmp_path: Path) -> None:
+    """The sweep: a record with text for step and loss was drawn (as categories) and the command said it wrote it;
+    steps of 1e308 were an internal error of matplotlib's that left .p.png.tmp-PID behind."""
+    lines = ['{"step": "a", "loss": "b"}', '{"step": 1, "loss": NaN}', '{"step": 2, "loss": 3.5, "lr": true}']
+    lines += ['{"step": 1e308, "loss": 1e308}', '{"step": 3, "loss": -1e300}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert [r["step"] for r in read_run(tmp_path).records] == [1, 2, 3]
+    by_step, _, lr, _ = plot_runs([tmp_path], tmp_path / "p.png").axes
+    assert len(by_step.lines) == 1 and by_step.lines[0].get_xydata().tolist() == [[2.0, 3.5]]
+    assert not lr.lines
+    (tmp_path / "metrics.jsonl").write_text('{"step": "a", "loss": "b"}\n{"step": 1e308, "loss": 1}\n')
+    result = run_cli("plot", "metrics.jsonl", "-o", "q.png", cwd=tmp_path)
+    assert_one_line_error(result.returncode, result.stderr, 1, "holds no step yet")
+    assert not (tmp_path / "q.png").exists() and not temporaries(tmp_path)
+
+
+@needs_matplotlib
+def test_a_run_without_a_drawable_loss_is_drawn_without_a_warning(tmp_path: Path) -> None:
+    """The sweep: a run whose every loss was NaN (it diverged at once) made matplotlib warn on stderr about an
+    empty legend."""
+    import warnings
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN, "lr": 0.001}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        by_step, _, lr, _ = plot_runs([tmp_path], tmp_path / "p.png").axes
+    assert by_step.get_legend() is None and not by_step.lines and len(lr.lines) == 1

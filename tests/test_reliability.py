@@ -230,6 +230,7 @@ def test_second_sigint_exits_at_once(tmp_path: Path, text_file: Path) -> None:
     assert code == 130 and "interrupted" not in run.stderr, f"exit {code} after the second SIGINT: {run.stderr!r}"
     assert took < 5, f"the second SIGINT took {took:.1f} s to stop the run"
     assert_files_load(out)
+    assert not temporaries(out), "the exit at once left the snapshot it was writing as a temporary file"
 
 
 def _poison(snapshot: Path, path: Path, keys: tuple[str, ...], index: tuple[int, ...]) -> None:
@@ -362,5 +363,27 @@ def test_signal_while_tokenizing_stops_cleanly_without_temporaries(sig: int, tmp
     lines = [line for line in stderr_lines(run.stderr) if not line.startswith("tokenizing:")]  # the progress bar
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
     assert lines[0].startswith(f"error: stopped by {signal.Signals(sig).name} while preparing the run"), lines[0]
+    assert not temporaries(out), temporaries(out)
+    assert not list((out / "token_cache").glob("tokens-*")), "a partial token file was left under a final name"
+
+
+@pytest.mark.slow
+def test_a_second_sigint_while_tokenizing_leaves_no_temporary_and_its_own_line(tmp_path: Path) -> None:
+    """The sweep: a double Ctrl-C while tokenizing could leave token_cache/.tokens-*.tmp-PID, and the error line
+    was glued to the progress bar's. The second signal comes while the first one's stop is unwinding (the thread
+    pool finishing its chunks), or during the exit at once; either way: exit 130, nothing left, lines apart."""
+    big = tmp_path / "big.txt"
+    big.write_text(SAMPLE_TEXT * 60_000, encoding="utf-8")  # ~40 MB: the progress bar shows
+    out = tmp_path / "out"
+    run = Run(*train_flags(out, big, "--max-steps", "1"), cwd=tmp_path)
+    run.wait_until(lambda: "tokenizing:" in run.stderr, "the progress bar")
+    time.sleep(0.3)
+    run.send(signal.SIGINT)
+    time.sleep(0.05)
+    run.send(signal.SIGINT)
+    assert run.finish(timeout=60) == 130
+    errors = [line for line in re.split(r"[\r\n]", run.stderr) if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), run.stderr
+    assert "Traceback" not in run.stderr
     assert not temporaries(out), temporaries(out)
     assert not list((out / "token_cache").glob("tokens-*")), "a partial token file was left under a final name"

@@ -17,6 +17,7 @@ from gpt2scratch.config import TrainConfig
 from gpt2scratch.data import Corpus
 from gpt2scratch.distributed import World
 from gpt2scratch.errors import CheckpointError, UsageError
+from gpt2scratch.optim import make_optimizer
 from gpt2scratch.shards import ShardLoader, ShardSet
 from gpt2scratch.trainstate import TrainState, check_identity
 
@@ -118,6 +119,65 @@ def test_malformed_fields_are_one_line_checkpoint_errors(case: str) -> None:
     with pytest.raises(CheckpointError, match=re.escape(message)) as failure:
         new_state(seed=1).load_state_dict(state, "snapshot.pt")
     assert "\n" not in str(failure.value) and str(failure.value).startswith("snapshot.pt")
+
+
+def _set(key: str, value: object, index: int = 0):
+    return lambda optimizer: optimizer["state"][index].__setitem__(key, value)
+
+
+# The sweep: moments of another shape were accepted (the fused AdamW then ran on them; smaller ones crashed the
+# process with a segfault), and a malformed step or a missing moment was an internal error at the first step.
+OPTIMIZER_DAMAGE = {
+    "moment-smaller": (_set("exp_avg", torch.zeros(3)), "parameter 0's exp_avg is a tensor (float32, shape (3,))"),
+    "moment-larger": (_set("exp_avg_sq", torch.zeros(2 * 50257 * 32)), "parameter 0's exp_avg_sq is a tensor"),
+    "moment-transposed": (_set("exp_avg", torch.zeros(32, 50257)), "shape (32, 50257)), the parameter is (50257, 32)"),
+    "moment-integers": (_set("exp_avg", torch.zeros(50257, 32, dtype=torch.int64)), "exp_avg is a tensor (int64"),
+    "moment-missing": (lambda opt: opt["state"][3].pop("exp_avg_sq"), "parameter 3 has the state {exp_avg, step}"),
+    "step-two-values": (_set("step", torch.tensor([1.0, 2.0])), "parameter 0's step is a tensor (float32, shape (2,))"),
+    "step-text": (_set("step", "x"), "parameter 0's step is 'x', not a count of steps in [0, 1]"),
+    "step-beyond": (_set("step", torch.tensor(7.0)), "step is a tensor (float32, shape (), value 7), not a count"),
+    "step-nan": (_set("step", torch.tensor(float("nan"))), "value nan), not a count of steps"),
+    "unknown-parameter": (
+        lambda opt: opt["state"].__setitem__(999, {"step": torch.tensor(1.0)}),
+        "it holds state for parameters that none of its groups lists",
+    ),
+    "ids-not-integers": (
+        lambda opt: opt["param_groups"][1].__setitem__("params", [0.5] * len(opt["param_groups"][1]["params"])),
+        "parameter group 1 does not list",
+    ),
+    "names-unknown": (  # keyed by name, as a sharded snapshot's state is, but by names its state does not use
+        lambda opt: opt["param_groups"][1].__setitem__("params", ["a"] * len(opt["param_groups"][1]["params"])),
+        "its state names parameters that none of its groups lists",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_DAMAGE))
+def test_optimizer_state_that_does_not_fit_the_model_is_one_line(case: str) -> None:
+    saved = new_state(seed=0)
+    take_steps(saved, 1)
+    state = copy.deepcopy(saved.state_dict())
+    damage, message = OPTIMIZER_DAMAGE[case]
+    damage(state["optimizer_state_dict"])
+    with pytest.raises(CheckpointError, match=re.escape(message)) as failure:
+        new_state(seed=1).load_state_dict(state, "snapshot.pt")
+    text = str(failure.value)
+    assert "\n" not in text and text.startswith("snapshot.pt is damaged: its optimizer_state_dict does not fit"), text
+
+
+def test_a_resumed_optimizer_keeps_this_run_s_settings() -> None:
+    """torch's load_state_dict also replaces the groups' settings by the checkpoint's: resuming with
+    --allow-changed weight_decay kept the old weight decay while the run recorded the new one."""
+    saved = new_state(seed=0)
+    take_steps(saved, 2)
+    state = copy.deepcopy(saved.state_dict())
+    resumed = new_state(seed=1)
+    resumed.optimizer = make_optimizer(resumed.model, lr=1e-3, weight_decay=0.5)
+    resumed.load_state_dict(state)
+    assert [group["weight_decay"] for group in resumed.optimizer.param_groups] == [0.5, 0.0]
+    assert resumed.optimizer.param_groups[0]["lr"] == 1e-3
+    first = resumed.optimizer.param_groups[0]["params"][0]
+    assert torch.equal(resumed.optimizer.state[first]["exp_avg"], state["optimizer_state_dict"]["state"][0]["exp_avg"])
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
@@ -21,8 +22,9 @@ from typing import IO, Any, cast
 import torch
 
 from .config import GPTConfig
+from .device import check_model_fits
 from .direct_io import AlignedBuffer
-from .errors import CheckpointError, OutDirError
+from .errors import CheckpointError, ConfigError, OutDirError
 from .model import GPT
 
 FORMAT_VERSION = 1
@@ -63,10 +65,11 @@ def replace_atomically(
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
         raise OutDirError(
             f"could not write {path}: {write_failure_reason(err)}; the previous files are intact"
         ) from err
+    finally:
+        tmp.unlink(missing_ok=True)  # renamed away after a success; after any failure or a stop, ours to remove
     fsync_dir(path.parent)
 
 
@@ -234,7 +237,9 @@ def check_format(state: Any, path: Path) -> None:
 def safe_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True`` on the CPU, its failures turned into one-line CheckpointErrors."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a raw pickle of protocol 3+ warns before it is refused: the refusal says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "GLOBAL" in str(err) or _starts_like_a_pickle(path):  # real pickled objects: loading could run code
             raise CheckpointError(
@@ -280,12 +285,45 @@ def check_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source
 
 
 def model_from_weights(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
-    """A GPT of ``config`` holding the weights ``state`` (fp32, on the CPU)."""
+    """A GPT of ``config`` holding the weights ``state`` (fp32, on the CPU). A config that the weights contradict,
+    or a model too large for the memory free, is refused before the model is allocated."""
+    _check_config_fits_weights(config, state, source)
+    check_model_fits(config, torch.device("cpu"), 4, "to load (fp32 weights)", f"{source} cannot be loaded here")
     model = GPT(config)
     load_weights(model, state, source)
     return model
 
 
+def _check_config_fits_weights(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError if the sizes that decide how much a model of ``config`` allocates (the embeddings' shapes,
+    the number of layers) are not those of the weights: a damaged config must not build a model of a huge size.
+    Other mismatches are named by ``load_weights``, on a model no larger than the weights."""
+    if not isinstance(state, dict):
+        return  # load_weights says what is wrong
+    embeddings = {
+        "transformer.wte.weight": (config.vocab_size, config.n_embd),
+        "transformer.wpe.weight": (config.block_size, config.n_embd),
+    }
+    for key, shape in embeddings.items():
+        tensor = state.get(key)
+        if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, the config needs {shape}")
+    layers = {key.split(".")[2] for key in state if isinstance(key, str) and key.startswith("transformer.h.")}
+    if config.n_layer > len(layers):
+        raise CheckpointError(
+            f"{source} does not match a GPT-2 of this config: missing ['transformer.h.{len(layers)}.*'] (the config "
+            f"has n_layer={config.n_layer}, the weights {len(layers)} layers)"
+        )
+
+
+def checkpoint_config(checkpoint: dict[str, Any], source: str) -> GPTConfig:
+    """The model config of a checkpoint of ours (as ``read_checkpoint`` returns it); CheckpointError if damaged."""
+    try:
+        return GPTConfig.from_dict(checkpoint["config"])
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{source} is damaged: its {err}") from None
+
+
 def model_from_checkpoint(checkpoint: dict[str, Any], source: str) -> GPT:
     """The model a checkpoint of ours holds (as ``read_checkpoint`` returns it)."""
-    return model_from_weights(GPTConfig.from_dict(checkpoint["config"]), checkpoint["model_state_dict"], source)
+    return model_from_weights(checkpoint_config(checkpoint, source), checkpoint["model_state_dict"], source)

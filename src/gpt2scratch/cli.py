@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
+import os
+import re
 import shlex
-import signal
 import sys
 import types
 import typing
@@ -31,6 +33,7 @@ from .config import (
     TrainConfig,
 )
 from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
+from .signals import ignore_stop_signals, stopping_at_once
 
 if typing.TYPE_CHECKING:
     from .distributed import World as World
@@ -124,10 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 failure, 2 usage error, 130 interrupted)."""
     raw = list(sys.argv[1:] if argv is None else argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a sample in a terminal that cannot show it: escaped, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(raw)
-    from .distributed import World, from_env
+    with stopping_at_once():  # a training run installs its own handlers once it starts (signals.py)
+        try:
+            return _run(args, raw)
+        except Stopped as err:  # a signal that came while the command's own error was being reported
+            ignore_stop_signals()
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
 
+
+def _run(args: argparse.Namespace, raw: list[str]) -> int:
+    """Run the parsed command; a user's error becomes one line on stderr and its exit code."""
     try:
+        # The command's dataclass first: a bad flag is refused at once, before the second that importing torch takes.
+        cfg: Any = from_args(next(command for name, command, _ in COMMANDS if name == args.command), args)
+        _check_thread_count()
+        from .distributed import World, from_env
+
         world = from_env() if args.command == "train" else World()  # only training runs as several processes
         logging.basicConfig(
             level=logging.INFO if world.is_main else logging.WARNING,
@@ -136,31 +155,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             force=True,
         )
         if args.command == "train":
-            return run_train(from_args(TrainConfig, args), world)
+            return run_train(cfg, world)
         if args.command == "generate":
-            return run_generate(from_args(GenerateConfig, args))
+            return run_generate(cfg)
         if args.command == "eval":
-            return run_eval(from_args(EvalConfig, args))
+            return run_eval(cfg)
         if args.command == "plot":
-            return run_plot(from_args(PlotConfig, args))
+            return run_plot(cfg)
         if args.command == "serve":
-            return run_serve(from_args(ServeConfig, args))
+            return run_serve(cfg)
         if args.command == "prepare":
-            return run_prepare(from_args(PrepareConfig, args))
+            return run_prepare(cfg)
         if args.command == "consolidate":
-            return run_consolidate(from_args(ConsolidateConfig, args))
-        return run_export(from_args(ExportConfig, args))
+            return run_consolidate(cfg)
+        return run_export(cfg)
     except Interrupted as err:
-        # Nothing is left to stop: a further Ctrl-C while the interpreter shuts down must not turn exit 130 into a
-        # death by signal (Python restores the default handlers during shutdown).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_stop_signals()  # nothing is left to stop: a further Ctrl-C must not turn exit 130 into a death by signal
         print(f"training stopped; snapshot: {err}; resume with: {_resume_command(raw, str(err))}", file=sys.stderr)
+        return err.exit_code
+    except Stopped as err:
+        ignore_stop_signals()
+        print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except GPT2ScratchError as err:
         if args.debug:
             raise
-        if isinstance(err, Stopped):  # as after Interrupted: a further Ctrl-C must not kill the exit itself
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
@@ -176,6 +195,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _check_thread_count() -> None:
+    """UsageError for a malformed OMP_NUM_THREADS, before torch is imported: its OpenMP library reads the variable
+    as it loads and, on a value it cannot use, prints two lines of its own and picks a thread count itself."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is not None and not re.fullmatch(r"\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*", value):
+        raise UsageError(
+            f"OMP_NUM_THREADS={value!r} in the environment is not a number of threads; set it to a positive whole "
+            "number (or a comma-separated list of them), or unset it"
+        )
 
 
 def _resume_command(raw: list[str], snapshot: str) -> str:
@@ -201,7 +231,7 @@ def run_train(cfg: TrainConfig, world: World) -> int:
 
     bar = ProgressBar()
     try:
-        result = train(cfg, world, progress=bar if world.is_main else None)
+        result = train(cfg, world, progress=bar if world.is_main else None, at_exit=bar.close)
     finally:
         bar.close()
     if cfg.no_sample or not world.is_main:
@@ -319,7 +349,7 @@ def run_export(cfg: ExportConfig) -> int:
         raise UsageError(f"{path} is a directory; export takes a checkpoint file or sharded snapshot written by train")
     model = model_from_checkpoint(load_checkpoint(path), str(path))
     out = Path(cfg.out_dir)
-    export(model, out, force=cfg.force)
+    export(model, out, force=cfg.force, source=path)
     print(f"wrote {out} (load it with transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
     return 0
 

@@ -44,6 +44,12 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model config: dropout must be in [0, 1), got {self.dropout}")
 
+    def num_params(self) -> int:
+        """The parameters of a model of this shape (the tied head counted once), known before one is built."""
+        C, biases = self.n_embd, 1 + self.bias  # a LayerNorm has a gain, and a bias where Linears have them
+        block = 12 * C * C + (9 * C if self.bias else 0) + 2 * biases * C  # attention, MLP, two LayerNorms
+        return (self.vocab_size + self.block_size) * C + self.n_layer * block + biases * C
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -193,10 +199,14 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not 0 <= getattr(self, name) < math.inf:  # nan fails too
                 raise UsageError(f"{flag(name)} must be zero or positive, got {getattr(self, name)}")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x weight decay at every step
+            raise UsageError(
+                f"--weight-decay {self.weight_decay} with --lr {self.lr} would zero or flip every weight at each step "
+                f"(AdamW scales them by 1 - lr x weight decay); keep it below {1 / self.lr:g} (typical: 0 to 0.1)"
+            )
         if math.isnan(self.target_loss):
             raise UsageError(f"--target-loss must be a number, got {self.target_loss}")
-        if self.input == "":
-            raise UsageError("--input must not be empty; give a text file, a directory of .txt files or a glob")
+        _refuse_empty(self, "input", "hellaswag", "resume", "init_from", "allow_changed")
         if not self.text_field:
             raise UsageError("--text-field must not be empty; give the field that holds the text (default: text)")
         if not 0 <= self.val_fraction < 1:
@@ -215,6 +225,7 @@ class TrainConfig:
             raise UsageError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # now, not after tokenizing
             raise UsageError('--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"')
+        _refuse_beyond_64_bits(self)
         model = self.model_config()
         if self.seq_len > model.block_size:
             raise UsageError(
@@ -233,6 +244,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _refuse_empty(command: Any, *names: str) -> None:
+    """UsageError naming the first of these flags given as an empty string: a path (or a list) left out, say by an
+    unset shell variable, must not silently mean the working directory or nothing at all."""
+    for name in names:
+        if getattr(command, name) == "":
+            raise UsageError(f"{flag(name, type(command))} must not be empty")
+
+
+def _refuse_beyond_64_bits(command: Any, *exempt: str) -> None:
+    """UsageError naming the first whole-number flag of 2**63 or more: torch computes with 64-bit integers (a
+    --grad-accum of 10**20 overflowed at the first step), and no count a run uses comes near."""
+    for f in dataclasses.fields(command):
+        value = getattr(command, f.name)
+        if f.name not in exempt and type(value) is int and abs(value) >= 2**63:
+            raise UsageError(f"{flag(f.name, type(command))} must be below 2**63, got {value}")
 
 
 SEEDS = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and negatives, which alias those)
@@ -269,6 +297,7 @@ class SamplingConfig:
             raise UsageError(f"--seed must be in [0, 2**64 - 1] (torch's generator seeds), got {self.seed}")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise UsageError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        _refuse_beyond_64_bits(self, "seed")  # seeds are 64-bit unsigned, checked above
 
 
 @dataclass(frozen=True)
@@ -283,10 +312,13 @@ class ModelSource:
         metadata=_opt("gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a transformers directory", group="source"),
     )
 
+    def __post_init__(self) -> None:
+        _refuse_empty(self, "checkpoint", "pretrained")
+
     @property
     def name(self) -> str:
         """The checkpoint path, or the published name or transformers directory."""
-        name = self.checkpoint or self.pretrained
+        name = self.checkpoint if self.checkpoint is not None else self.pretrained
         assert name is not None, "argparse requires one of --checkpoint/--pretrained"
         return name
 
@@ -324,12 +356,14 @@ class EvalConfig:
     dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=TRAIN_DTYPES))
 
     def __post_init__(self) -> None:
+        _refuse_empty(self, "perplexity", "hellaswag", "output")
         if self.perplexity is None and self.hellaswag is None:
             raise UsageError("nothing to evaluate: give --perplexity FILE|DIR|GLOB and/or --hellaswag FILE.jsonl")
         for name in ("context", "stride", "limit", "batch_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        _refuse_beyond_64_bits(self)
 
 
 @dataclass(frozen=True)
@@ -341,8 +375,12 @@ class ExportConfig:
         metadata=_opt("directory to write (config.json, model.safetensors, tokenizer files)", positional=True)
     )
     force: bool = field(
-        default=False, metadata=_opt("replace OUT_DIR if it is a model directory already (its files are deleted)")
+        default=False,
+        metadata=_opt("replace OUT_DIR if it holds nothing but a model directory's files (they are deleted)"),
     )
+
+    def __post_init__(self) -> None:
+        _refuse_empty(self, "checkpoint", "out_dir")
 
 
 @dataclass(frozen=True)
@@ -365,6 +403,8 @@ class PlotConfig:
     output: str = field(default="loss.png", metadata=_opt("the PNG to write", "-o", "--output"))
 
     def __post_init__(self) -> None:
+        if "" in self.runs:
+            raise UsageError("a run to plot must not be empty; give its out dir or its metrics.jsonl")
         if not self.output.lower().endswith(".png"):
             raise UsageError(f"-o/--output must name a .png file, got {self.output!r}")
 
@@ -449,6 +489,8 @@ class PrepareConfig:
 def flag(name: str, command: type = TrainConfig) -> str:
     """The command-line spelling of a field of a command's dataclass, as users see it in messages."""
     for f in dataclasses.fields(command):
+        if f.name == name and f.metadata.get("positional"):
+            return name.upper()  # as argparse's usage line shows it
         if f.name == name and f.metadata.get("flags"):
             return "/".join(f.metadata["flags"])
     return "--" + name.replace("_", "-")

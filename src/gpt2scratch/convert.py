@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .checkpoint import fsync_dir, model_from_weights, safe_load, write_failure_
 from .config import GPTConfig
 from .errors import CheckpointError, ConfigError, OutDirError
 from .model import GPT
+from .signals import deferred
 from .tokenizer import EOT_TOKEN, N_VOCAB, bpe_files
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,17 @@ HF_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
-    """Our config from a transformers ``config.json``; ConfigError for options this GPT-2 does not implement."""
+    """Our config from a transformers ``config.json``; ConfigError for options this GPT-2 does not implement or
+    sizes that are not positive integers."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ConfigError(f"model_type {hf.get('model_type')!r} is not GPT-2")
+    config = GPTConfig(
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        vocab_size=hf.get("vocab_size", 50257),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=hf.get("n_embd", 768),
+    )
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")),
         "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
@@ -42,19 +52,13 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         "reorder_and_upcast_attn": bool(hf.get("reorder_and_upcast_attn", False)),
         "add_cross_attention": bool(hf.get("add_cross_attention", False)),
         "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
-        "n_inner": hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)),
+        "n_inner": hf.get("n_inner") not in (None, 4 * config.n_embd),
         "tie_word_embeddings": hf.get("tie_word_embeddings", True) is not True,  # our lm_head is wte
     }
     bad = [f"{key}={hf.get(key)!r}" for key, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ConfigError(f"this GPT-2 config uses options gpt2-scratch does not implement: {', '.join(bad)}")
-    return GPTConfig(
-        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        vocab_size=hf.get("vocab_size", 50257),
-        n_layer=hf.get("n_layer", 12),
-        n_head=hf.get("n_head", 12),
-        n_embd=hf.get("n_embd", 768),
-    )
+    return config
 
 
 def config_to_hf(config: GPTConfig) -> dict[str, Any]:
@@ -118,9 +122,17 @@ def model_from_hf_dir(directory: Path) -> GPT:
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no config.json; it is not a transformers model directory")
     try:
-        config = config_from_hf(json.loads(config_path.read_text()))
+        settings = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(settings, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        kind = kinds.get(type(settings), "a number")
+        raise CheckpointError(f"{config_path} holds {kind}, not a JSON object of settings")
+    try:
+        config = config_from_hf(settings)
+    except ConfigError as err:
+        raise ConfigError(f"{config_path}: {err}") from None
     safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
     if safetensors_path.is_file():
         from safetensors import SafetensorError
@@ -156,31 +168,44 @@ def download(name: str) -> Path:
         raise CheckpointError(f"could not get the {name!r} weights ({type(err).__name__}); {how}") from None
 
 
-def export(model: GPT, out_dir: Path, force: bool = False) -> None:
+# What a transformers model directory holds: the files export writes, those save_pretrained writes for a GPT-2 (and
+# their shards), and the model card. --force replaces a directory holding these alone.
+MODEL_DIR_FILES = frozenset(
+    {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"}
+    | {"pytorch_model.bin", "pytorch_model.bin.index.json", "vocab.json", "merges.txt", "tokenizer.json"}
+    | {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "README.md"}
+)
+MODEL_SHARD_RE = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
+
+
+def export(model: GPT, out_dir: Path, force: bool = False, source: Path | None = None) -> None:
     """Write ``model`` as a transformers directory: config, weights, generation config and, for GPT-2's vocabulary,
     tokenizer files.
 
     The files go into a hidden directory beside ``out_dir``, which is then renamed into place, so a failure never
-    leaves a half-written ``out_dir``. OutDirError if ``out_dir`` is a file, is not empty (with ``force``: is not a
-    model directory, which is then replaced), or cannot be written (a full disk, say); nothing is changed then.
+    leaves a half-written ``out_dir``. OutDirError if ``out_dir`` is a file, is not empty (with ``force``: holds
+    anything but a model directory's files, the checkpoint ``source`` or the working directory; such a model
+    directory is replaced), or cannot be written (a full disk, say); nothing is changed then.
     """
     target = out_dir.resolve()  # "." and symlinks: the directory itself is replaced
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     try:
-        _check_target(out_dir, force)
+        _check_target(out_dir, force, source)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had our pid
         tmp.mkdir()
         _write_files(model, tmp)
         _move_into_place(tmp, target)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise OutDirError(f"could not write {out_dir}: {write_failure_reason(err)}; nothing was changed") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a success; after a failure or a stop, ours to remove
 
 
-def _check_target(out_dir: Path, force: bool) -> None:
-    """OutDirError unless ``out_dir`` is absent or empty, or ``force`` is given and it holds a model's config.json:
-    --force must not delete a directory of other files (a training run's, the current one) by a slip of the path."""
+def _check_target(out_dir: Path, force: bool, source: Path | None) -> None:
+    """OutDirError unless ``out_dir`` is absent or empty, or ``force`` is given and it is a model directory (a
+    config.json and nothing but the files of one) that holds neither ``source`` nor the working directory: --force
+    must not delete a directory of other files (a training run's, the current one) by a slip of the path."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutDirError(f"{out_dir} is a file; give a directory to write the model into")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
@@ -189,6 +214,22 @@ def _check_target(out_dir: Path, force: bool) -> None:
         raise OutDirError(f"{out_dir} is not empty; give a new directory, or --force to replace a model directory")
     if not (out_dir / "config.json").is_file():
         raise OutDirError(f"{out_dir} is not a model directory (it has no config.json); --force replaces only those")
+    others = sorted(p.name for p in out_dir.iterdir() if not _is_model_file(p))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise OutDirError(
+            f"{out_dir} holds files an export does not write ({shown}); --force replaces only a directory holding "
+            "nothing but a model's files: give a new directory"
+        )
+    target = out_dir.resolve()
+    if source is not None and target in source.resolve().parents:
+        raise OutDirError(f"{out_dir} holds the checkpoint being exported ({source}); give another directory")
+    if target == Path.cwd().resolve():
+        raise OutDirError(f"{out_dir} is the working directory, which --force would delete; give another directory")
+
+
+def _is_model_file(path: Path) -> bool:
+    return path.is_file() and (path.name in MODEL_DIR_FILES or MODEL_SHARD_RE.fullmatch(path.name) is not None)
 
 
 def _write_files(model: GPT, folder: Path) -> None:
@@ -238,15 +279,16 @@ def _write(path: Path, content: bytes | dict[str, Any]) -> None:
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and deleted once ``tmp`` is in."""
     old = target.parent / f".{target.name}.old.tmp-{os.getpid()}"
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-        try:
+    with deferred():  # a stop between the two renames would leave neither directory under the target's name
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)  # the new directory is in place: a leftover is no failure
+        else:
             os.rename(tmp, target)
-        except OSError:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)  # the new directory is in place: a leftover is no failure
-    else:
-        os.rename(tmp, target)
-    fsync_dir(target.parent)
+        fsync_dir(target.parent)

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import DeviceError
+from .config import GPTConfig
+from .errors import DeviceError, UsageError
 
 log = logging.getLogger(__name__)
 
 # float64 is for inference only (the CLI offers it to generate and serve): exact comparisons in tests, where a
 # kernel's summation order can never flip a sampled token.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+MEMINFO = Path("/proc/meminfo")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -67,6 +69,39 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type == "cpu":
         raise DeviceError("float16 is not supported on the CPU; use --dtype bfloat16 or float32")
     return dtype
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: a CUDA GPU's free memory, MemAvailable of /proc/meminfo for the
+    CPU; None where we cannot tell (no /proc/meminfo, other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        lines = MEMINFO.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024  # the file counts in kB
+    return None
+
+
+def check_model_fits(
+    config: GPTConfig, device: torch.device, bytes_per_param: int, purpose: str, hint: str, shards: int = 1
+) -> None:
+    """UsageError, before anything is allocated, if ``bytes_per_param`` bytes for each of the model's parameters,
+    split into ``shards`` (FSDP's ranks), exceed the memory free on ``device``: the one check of a model's size, for
+    training and for loading weights."""
+    params = config.num_params()
+    needed, available = bytes_per_param * params // shards, available_memory(device)
+    if available is not None and needed > available:
+        count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+        raise UsageError(
+            f"a model of {count} parameters needs at least {needed / 1e9:.2f} GB {purpose}, more than the "
+            f"{available / 1e9:.2f} GB free; {hint}"
+        )
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

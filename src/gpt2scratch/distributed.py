@@ -8,12 +8,15 @@ code. Rank and world size travel as a ``World`` value, never a global.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .errors import UsageError
+from .signals import SIGNALS
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def init(world: World, device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         try:
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            _join_group("nccl" if device.type == "cuda" else "gloo", device)
         except (ValueError, RuntimeError) as err:  # torchrun's variables missing, or the others unreachable
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UsageError(
@@ -74,6 +77,30 @@ def init(world: World, device: torch.device) -> torch.device:
                 "start them together with torchrun --nproc_per_node=N"
             ) from None
     return device
+
+
+def _join_group(backend: str, device: torch.device) -> None:
+    """``dist.init_process_group`` on a thread of its own. torch's rendezvous waits for the others (up to 30
+    minutes) inside C++, where no Python signal handler runs: waiting for that thread here instead keeps Ctrl-C and
+    SIGTERM working, say for a rank whose MASTER_ADDR is wrong."""
+    outcome: list[BaseException | None] = []
+
+    def join() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # they go to the main thread, not into torch's retries
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is per thread
+        try:
+            dist.init_process_group(backend=backend)
+            outcome.append(None)
+        except BaseException as err:  # handed to the main thread
+            outcome.append(err)
+
+    thread = threading.Thread(target=join, name="rendezvous", daemon=True)  # a stop does not wait for it
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # a stop signal is handled between these waits
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def shutdown(world: World) -> None:

@@ -49,15 +49,13 @@ class Interrupted(GPT2ScratchError):
     exit_code = 130
 
 
-class Stopped(GPT2ScratchError):
-    """A signal stopped a run before its first step, when there was nothing to save; exit code 128 + the signal."""
+class Stopped(BaseException):
+    """A signal stopped a command where there was nothing to save; exit code 128 + the signal. ``detail`` says what
+    the command was doing and what that means. Like KeyboardInterrupt, not an Exception: raised by a signal handler
+    wherever the program happens to be, it must not be swallowed by an ``except Exception`` on the way out."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, detail: str = ""):
         import signal
 
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"stopped by {name} while preparing the run (before the first step): nothing was saved and no temporary "
-            "file was left; run the same command again"
-        )
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" {detail}" if detail else ""))
         self.exit_code = 128 + signum

@@ -171,10 +171,14 @@ def read_choices(path: str | Path, limit: int | None = None) -> list[Choice]:
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file")
     choices: list[Choice] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that a line that is not UTF-8 is named
+        for number, raw in enumerate(f, 1):
             if limit is not None and len(choices) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8 text; give a JSONL file") from None
             if not line.strip():
                 continue
             choices.append(_parse_choice(line, f"{path}:{number}"))

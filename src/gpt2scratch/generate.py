@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from .config import SamplingConfig
+from .device import available_memory
 from .errors import UsageError
 from .model import GPT
 from .packing import pack_linears
 from .tokenizer import EOT_TOKEN, check_vocabulary, decode, encode
-
-MEMINFO = Path("/proc/meminfo")
 
 
 def prompt_ids(model: GPT, prompt: str, sampling: SamplingConfig) -> tuple[list[int], int]:
@@ -42,23 +40,6 @@ def memory_needed(model: GPT, batch: int, prompt_len: int, new: int) -> int:
     logits = batch * config.vocab_size * 4 * 4  # fp32, plus the copies sampling makes (scaled, softmax, cumsum)
     tokens = 3 * batch * (prompt_len + new) * 8  # int64: the prompts, the growing context and the output
     return kv_cache + logits + tokens
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on ``device``: a CUDA GPU's free memory, MemAvailable of /proc/meminfo for the
-    CPU; None where we cannot tell (no /proc/meminfo, other devices)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        lines = MEMINFO.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024  # the file counts in kB
-    return None
 
 
 def check_memory(model: GPT, batch: int, prompt_len: int, new: int) -> None:

@@ -34,7 +34,8 @@ class MetricsLog:
             # as the truncation below does for metrics.jsonl.
             self._writer = SummaryWriter(str(tensorboard), purge_step=after_step + 1 if after_step else None)
         if path.exists():  # a resumed run replaces what the run it continues logged after its snapshot
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= after_step]
+            lines = path.read_text(errors="replace").splitlines()  # bytes that are not text: torn, dropped below
+            kept = [line for line in lines if _step_of(line) <= after_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._file = open(path, "a")  # noqa: SIM115 (closed by close())
 

@@ -56,18 +56,29 @@ def list_snapshots(out_dir: Path) -> list[tuple[int, Path]]:
 def latest_snapshot(out_dir: Path, weights: bool = True) -> tuple[Path, dict[str, Any]]:
     """The newest snapshot in ``out_dir`` that loads, and its contents (``weights`` False: a sharded one's without
     its model and optimizer states, see ``sharded.load_checkpoint``); CheckpointError if there is none."""
+    damaged = []
     for _, path in reversed(list_snapshots(out_dir)):
         try:
             return path, load_checkpoint(path, weights)
         except CheckpointError as err:
             log.warning("skipping %s: %s", path, err)
-    final = out_dir / FINAL_NAME
+            damaged.append(path.name)
+    folder, final = out_dir / SNAPSHOT_DIR, out_dir / FINAL_NAME
+    finished = (
+        f"continue the finished run with --resume {final} and a lower --target-loss, or " if final.exists() else ""
+    )
+    if damaged:
+        names = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        raise CheckpointError(
+            f"--resume auto: no snapshot in {folder} loads ({names}: damaged, see above); resume from a copy you "
+            f"trust with --resume PATH, {finished}start afresh with another --out-dir"
+        )
     if final.exists():
         raise CheckpointError(
-            f"--resume auto: no snapshot in {out_dir / SNAPSHOT_DIR}, only the finished run's {final}; continue "
+            f"--resume auto: no snapshot in {folder}, only the finished run's {final}; continue "
             f"it with --resume {final} and a lower --target-loss, or start afresh with another --out-dir"
         )
-    raise CheckpointError(f"--resume auto: no snapshot in {out_dir / SNAPSHOT_DIR}; start without --resume")
+    raise CheckpointError(f"--resume auto: no snapshot in {folder}; start without --resume")
 
 
 def prune(out_dir: Path, keep: int) -> None:
@@ -81,12 +92,12 @@ def prune(out_dir: Path, keep: int) -> None:
             path.unlink(missing_ok=True)
 
 
-def remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete the temporary files of ours that a run killed mid-write left (only ours: the out dir may be the
-    user's working directory)."""
-    patterns = [(out_dir, f".{FINAL_NAME}.tmp-*"), (out_dir / SNAPSHOT_DIR, ".snapshot_step_*.tmp-*")]
-    patterns.append((out_dir, f".{PLOT_NAME}.tmp-*"))
-    patterns.append((out_dir / CACHE_DIR, ".*.tmp-*"))
+def remove_temporaries(out_dir: Path, pid: int | str = "*") -> None:
+    """Delete our temporary files (``.NAME.tmp-PID``) in ``out_dir``: those a run killed mid-write left, or with
+    ``pid`` only that process's (a run exiting at once). Only ours: the out dir may be the user's working directory."""
+    patterns = [(out_dir, f".{FINAL_NAME}.tmp-{pid}"), (out_dir / SNAPSHOT_DIR, f".snapshot_step_*.tmp-{pid}")]
+    patterns.append((out_dir, f".{PLOT_NAME}.tmp-{pid}"))
+    patterns.append((out_dir / CACHE_DIR, f".*.tmp-{pid}"))
     for folder, pattern in patterns:
         if folder.is_dir():
             for path in folder.glob(pattern):
@@ -97,7 +108,8 @@ def remove_stale_temporaries(out_dir: Path) -> None:
 
 
 def check_writable(out_dir: Path) -> None:
-    """OutDirError unless ``out_dir`` can be created and written."""
+    """OutDirError unless ``out_dir`` can be created and written, and each name a run writes there is free or of
+    the right kind (a file named ``snapshots`` would otherwise fail the first snapshot, many steps later)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"
@@ -105,27 +117,43 @@ def check_writable(out_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise OutDirError(f"cannot write to --out-dir {out_dir}: {err.strerror or err}") from None
+    for name in (SNAPSHOT_DIR, CACHE_DIR, TENSORBOARD_DIR, FINAL_NAME, METRICS_NAME, PLOT_NAME):
+        path = out_dir / name
+        folder = "." not in name
+        if not os.path.lexists(path) or (path.is_dir() if folder else path.is_file()):
+            continue
+        kind = "a directory" if folder else "a regular file"
+        raise OutDirError(f"{path} is in the way: a run writes {kind} there; move it away or use another --out-dir")
 
 
 def _place(out_dir: Path) -> str:
     return "this directory" if out_dir.resolve() == Path.cwd() else str(out_dir)
 
 
-def refuse_to_overwrite(out_dir: Path) -> None:
-    """OutDirError if a fresh run would write over (and prune away) the results of an earlier run."""
+def refuse_to_overwrite(out_dir: Path, plot: bool = True) -> None:
+    """OutDirError if a fresh run would write over (and prune away) the results of an earlier run: its snapshots,
+    its final model, or (for a run that saved neither) its metrics and, if this run draws one, its ``loss.png``."""
     snapshots = [p.name for _, p in list_snapshots(out_dir)]
     final = out_dir / FINAL_NAME
-    if not snapshots and not final.exists():
-        return
-    found = ", ".join(([FINAL_NAME] if final.exists() else []) + snapshots[-1:])
-    if snapshots:
-        how = "continue it with --resume auto, or start afresh with another --out-dir"
-    else:
-        how = f"start afresh with another --out-dir, or continue it with --resume {final} and a lower --target-loss"
-    raise OutDirError(
-        f"{_place(out_dir)} already holds an earlier run ({found}); {how} (or move its {SNAPSHOT_DIR}/ and "
-        f"{FINAL_NAME} away)"
-    )
+    if snapshots or final.exists():
+        found = ", ".join(([FINAL_NAME] if final.exists() else []) + snapshots[-1:])
+        if snapshots:
+            how = "continue it with --resume auto, or start afresh with another --out-dir"
+        else:
+            how = f"start afresh with another --out-dir, or continue it with --resume {final} and a lower --target-loss"
+        raise OutDirError(
+            f"{_place(out_dir)} already holds an earlier run ({found}); {how} (or move its {SNAPSHOT_DIR}/ and "
+            f"{FINAL_NAME} away)"
+        )
+    metrics, picture = out_dir / METRICS_NAME, out_dir / PLOT_NAME
+    left = [METRICS_NAME] if metrics.is_file() and metrics.stat().st_size else []
+    left += [PLOT_NAME] if plot and os.path.lexists(picture) else []
+    if left:
+        them = "them" if len(left) > 1 else "it"
+        raise OutDirError(
+            f"{_place(out_dir)} already holds {' and '.join(left)} of an earlier run (one that saved no snapshot), "
+            f"which a fresh run would overwrite; move {them} away or use another --out-dir"
+        )
 
 
 def refuse_to_resume_over(out_dir: Path, source: Path, step: int) -> None:

@@ -46,7 +46,7 @@ def read_run(run: str | Path) -> Run:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "step" in record:
+        if isinstance(record, dict) and _is_number(record.get("step")):
             records.append(record)
     if not records:
         raise DataError(f"{run} has no metrics: {metrics} holds no step yet")
@@ -93,24 +93,35 @@ def figure(runs: list[Run]) -> Figure:
         ax.grid(alpha=0.3)
         if not ax.lines:
             ax.text(0.5, 0.5, "not in these metrics", ha="center", va="center", transform=ax.transAxes)
-    by_step.legend()
+    if by_step.lines:  # records without a drawable loss: no legend (matplotlib warns on an empty one)
+        by_step.legend()
     return fig
 
 
 def _draw(ax: Axes, records: list[dict[str, Any]], x: str, y: str, colour: str, label: str, marker: str = "") -> None:
     """``y`` against ``x`` over the records that hold both (as a line, or as markers); nothing if none does."""
-    points = [(r[x], r[y]) for r in records if x in r and y in r]
+    points = [(r[x], r[y]) for r in records if _is_number(r.get(x)) and _is_number(r.get(y))]
     if points:
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker=marker, linestyle="none" if marker else "-", color=colour, label=label)
 
 
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` can be drawn: an int or float of a size a metric can have (a torn or foreign record may
+    hold anything; near 1e308 matplotlib's axes overflow)."""
+    return type(value) in (int, float) and abs(value) < 1e18  # nan fails too
+
+
 def save_png(fig: Figure, path: Path) -> None:
-    """Write ``fig`` as a PNG at ``path``: under a temporary name, then renamed into place."""
+    """Write ``fig`` as a PNG at ``path``: under a temporary name, then renamed into place. DataError if matplotlib
+    cannot draw the values (too large for its axes, say)."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as file:
-            fig.savefig(file, format="png")
+            try:
+                fig.savefig(file, format="png")
+            except (ValueError, OverflowError) as err:
+                raise DataError(f"cannot draw {path}: {err} (are the metrics' values sane?)") from None
             file.flush()
             os.fsync(file.fileno())
 

@@ -85,8 +85,8 @@ def serve(cfg: ServeConfig) -> None:
 def load_engine(cfg: ServeConfig) -> Engine:
     """The model of ``cfg`` ready for inference, in an engine of ``max_batch`` slots; UsageError if its KV cache
     would not fit in the device's free memory."""
-    from .device import configure_matmul, pick_device, pick_dtype
-    from .generate import available_memory, for_inference
+    from .device import available_memory, configure_matmul, pick_device, pick_dtype
+    from .generate import for_inference
     from .tokenizer import EOT_TOKEN, check_vocabulary
     from .weights import load_model
 

@@ -7,9 +7,11 @@ snapshots and stop signals, each a call to a small helper beside it. What a chec
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,14 +22,14 @@ import numpy as np
 import torch
 
 from . import distributed, outdir, parallel, plot, sharded
-from .checkpoint import SnapshotWriter, all_finite, check_free_space
+from .checkpoint import SnapshotWriter, all_finite, check_free_space, checkpoint_config
 from .config import GPTConfig, SamplingConfig, TrainConfig
 from .data import Progress, make_loader, prepare_corpus
-from .device import autocast, configure_matmul, keep_freed_memory, pick_device, pick_dtype
+from .device import autocast, check_model_fits, configure_matmul, keep_freed_memory, pick_device, pick_dtype
 from .distributed import World
-from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged, UsageError
+from .errors import CheckpointError, Interrupted, TrainingDiverged, UsageError
 from .evaluate import Choice, multiple_choice, read_choices
-from .generate import available_memory, prompt_ids
+from .generate import prompt_ids
 from .metrics import MetricsLog, progress_line
 from .model import GPT
 from .optim import lr_at, make_optimizer
@@ -50,11 +52,18 @@ class TrainResult:
     dtype: torch.dtype
 
 
-def train(cfg: TrainConfig, world: World | None = None, progress: Progress | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    world: World | None = None,
+    progress: Progress | None = None,
+    at_exit: Callable[[], None] | None = None,
+) -> TrainResult:
     """Train until the loss reaches ``cfg.target_loss`` (or ``cfg.max_steps``); return where the model went.
 
-    ``progress(done, total)`` is called while the input is tokenized. Raises DataError, CheckpointError, OutDirError,
-    TrainingDiverged or Interrupted (after a snapshot) for the failures a user can cause; all are one-line messages.
+    ``progress(done, total)`` is called while the input is tokenized; ``at_exit()`` before a second stop signal ends
+    the process at once (the CLI ends its progress bar's line there). Raises DataError, CheckpointError,
+    OutDirError, TrainingDiverged, Stopped or Interrupted (after a snapshot) for the failures a user can cause; all
+    are one-line messages.
     """
     world = world or World()
     out_dir = Path(cfg.out_dir)
@@ -67,8 +76,8 @@ def train(cfg: TrainConfig, world: World | None = None, progress: Progress | Non
     if world.is_main:
         outdir.check_writable(out_dir)
         lock.acquire()
-        outdir.remove_stale_temporaries(out_dir)
-    stop = StopSignals()
+        outdir.remove_temporaries(out_dir)
+    stop = StopSignals(at_exit=functools.partial(_exit_at_once, out_dir, at_exit))
     try:
         with stop.installed():
             state = set_up(cfg, world, device, dtype, progress)  # a signal here stops at once (signals.py)
@@ -77,6 +86,14 @@ def train(cfg: TrainConfig, world: World | None = None, progress: Progress | Non
     finally:
         lock.release()
         distributed.shutdown(world)
+
+
+def _exit_at_once(out_dir: Path, at_exit: Callable[[], None] | None) -> None:
+    """What a second stop signal does before the process ends at once: the caller's ``at_exit``, then the removal of
+    the temporary files this process was writing (a snapshot, the token cache)."""
+    if at_exit is not None:
+        at_exit()
+    outdir.remove_temporaries(out_dir, os.getpid())
 
 
 def set_up(
@@ -90,8 +107,10 @@ def set_up(
     resume_path, resume = find_resume(cfg, world, weights=not fsdp)  # FSDP reads a sharded snapshot's shards later
     if resume is not None:
         check_identity(cfg, resume, resume_path, world, None, allowed)  # the flags now, the input once hashed
-    config = cfg.model_config() if resume is None else GPTConfig.from_dict(resume["config"])
-    check_model_fits(config, device, shards=world.size if fsdp else 1)
+    shape = cfg.model_config() if resume is None else checkpoint_config(resume, f"the checkpoint {resume_path}")
+    purpose = "to train (weights, gradients and AdamW state in fp32"
+    purpose += f", split over {world.size} ranks)" if fsdp else ")"
+    check_model_fits(shape, device, 16, purpose, "choose a smaller shape", shards=world.size if fsdp else 1)
     corpus = prepare_corpus(cfg, out_dir / outdir.CACHE_DIR, world, progress)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = initial_model(cfg, resume).to(device)
@@ -134,7 +153,7 @@ def find_resume(cfg: TrainConfig, world: World, weights: bool = True) -> tuple[P
     out_dir = Path(cfg.out_dir)
     if cfg.resume is None:
         if world.is_main:
-            outdir.refuse_to_overwrite(out_dir)
+            outdir.refuse_to_overwrite(out_dir, plot=not cfg.no_plot)
         return None, None
     if cfg.resume == "auto":
         path, checkpoint = outdir.latest_snapshot(out_dir, weights)
@@ -147,19 +166,6 @@ def find_resume(cfg: TrainConfig, world: World, weights: bool = True) -> tuple[P
     if type(step) is int and cfg.max_steps is not None and cfg.max_steps <= step:
         raise UsageError(f"--max-steps {cfg.max_steps} is not beyond the checkpoint's step {step}; raise it to go on")
     return path, checkpoint
-
-
-def check_model_fits(config: GPTConfig, device: torch.device, shards: int = 1) -> None:
-    """UsageError, before anything is allocated, if the model's weights, gradients and AdamW's two moments (fp32)
-    alone, split into ``shards`` (FSDP's ranks), exceed the memory free on ``device``."""
-    C, L = config.n_embd, config.n_layer
-    params = (config.vocab_size + config.block_size) * C + L * (12 * C * C + 13 * C) + 2 * C
-    needed, available = 16 * params // shards, available_memory(device)
-    if available is not None and needed > available:
-        raise UsageError(
-            f"a model of {params / 1e9:.2f}B parameters needs at least {needed / 1e9:.1f} GB to train (weights, "
-            f"gradients and AdamW state in fp32), more than the {available / 1e9:.1f} GB free; choose a smaller shape"
-        )
 
 
 def check_before_training(cfg: TrainConfig, model: GPT) -> None:
@@ -175,16 +181,13 @@ def initial_model(cfg: TrainConfig, resume: dict[str, Any] | None) -> GPT:
     rest of the state), with --init-from's weights, or of the configured shape."""
     if resume is not None:
         wanted = cfg.model_config()
-        try:
-            saved = GPTConfig.from_dict(resume["config"])
-        except (ConfigError, TypeError) as err:
-            raise CheckpointError(f"the checkpoint to resume is damaged: its {err}") from None
+        saved = checkpoint_config(resume, "the checkpoint to resume")
         if cfg.init_from is None and {**saved.to_dict(), "dropout": 0} != {**wanted.to_dict(), "dropout": 0}:
             raise CheckpointError(
                 f"the checkpoint holds a model of shape {_shape(saved)}, this run asks for {_shape(wanted)}; "
                 "give the same --preset/--n-layer/--n-head/--n-embd/--block-size as the run that wrote it"
             )
-        return GPT(GPTConfig.from_dict({**resume["config"], "dropout": cfg.dropout}))
+        return GPT(dataclasses.replace(saved, dropout=cfg.dropout))
     if cfg.init_from is not None:
         pretrained = load_model(cfg.init_from)
         check_vocabulary(pretrained.config.vocab_size, f"--init-from {cfg.init_from}")  # the data is GPT-2's ids

@@ -221,8 +221,12 @@ class TrainState:
         metadata = state.get("metadata")
         changes = metadata.get("changed_on_resume") if isinstance(metadata, dict) else None
         self.changes = list(changes) if isinstance(changes, list) else []
+        check_optimizer_state(state["optimizer_state_dict"], self.optimizer, self.step, source)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         with _as_checkpoint_error(source, "optimizer_state_dict", "does not fit this model's optimizer"):
             parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer_state_dict"])
+        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(own)  # the moments are the checkpoint's; the settings this run's (checked by the identity)
         self.loader.load_state_dict(state["loader"])
         per_rank = state.get("rng_per_rank")
         with _as_checkpoint_error(source, "rng", "is not a random generator state"):
@@ -260,6 +264,64 @@ def check_resumable(state: dict[str, Any], source: str, loader: Loader) -> None:
         raise bad("optimizer_state_dict", "holds no optimizer state")
     if not isinstance(state["rng"], dict) or not isinstance(state["rng"].get("cpu"), torch.Tensor):
         raise bad("rng", "is not a random generator state")
+
+
+def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer, step: int, source: str) -> None:
+    """CheckpointError unless ``saved`` (an AdamW ``state_dict``, as ``check_resumable`` let through) has the groups
+    and parameters of ``optimizer``, and each parameter's moments are floating tensors of that parameter's shape
+    with a step count in [0, ``step``]. torch's ``load_state_dict`` checks only the groups' sizes: moments of
+    another shape would be handed to the fused kernel (a smaller one crashes the process)."""
+
+    def unfit(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{source} is damaged: its optimizer_state_dict does not fit this model's optimizer ({why}); resume "
+            "from another snapshot"
+        )
+
+    groups = saved["param_groups"]
+    lists = isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    if lists and any(isinstance(name, str) for group in groups for name in group["params"]):
+        try:  # a sharded snapshot's state, keyed by parameter name: numbered as the groups list the names
+            saved = parallel.by_index(saved)
+        except (KeyError, TypeError, AttributeError):
+            raise unfit("its state names parameters that none of its groups lists") from None
+    groups, moments = saved["param_groups"], saved["state"]
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        count = len(groups) if isinstance(groups, list) else repr(groups)
+        raise unfit(f"{count} parameter groups, not {len(optimizer.param_groups)}")
+    pairs: list[tuple[Any, torch.Tensor, set[str]]] = []  # (the saved id, the parameter, the state it must have)
+    for index, (group, own) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids) or len(ids) != len(own["params"]):
+            raise unfit(f"parameter group {index} does not list {len(own['params'])} parameter ids")
+        keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if own.get("amsgrad") else set())
+        pairs += [(i, param, keys) for i, param in zip(ids, own["params"], strict=True)]
+    if not isinstance(moments, dict) or set(moments) - {i for i, _, _ in pairs}:
+        raise unfit("it holds state for parameters that none of its groups lists")
+    for i, param, keys in pairs:
+        moment = moments.get(i)
+        if moment is None or moment == {}:
+            continue  # a parameter that never had a gradient: AdamW creates its state at its first step
+        if not isinstance(moment, dict) or set(moment) != keys:
+            raise unfit(f"parameter {i} has the state {_describe(moment)}, not {', '.join(sorted(keys))}")
+        for name in sorted(keys - {"step"}):
+            tensor = moment[name]
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.shape != param.shape:
+                raise unfit(f"parameter {i}'s {name} is {_describe(tensor)}, the parameter is {tuple(param.shape)}")
+        count = moment["step"]
+        valid = isinstance(count, torch.Tensor) and count.numel() == 1 and bool(torch.isfinite(count).all())
+        if not valid or not 0 <= float(count) <= step:
+            raise unfit(f"parameter {i}'s step is {_describe(count)}, not a count of steps in [0, {step}]")
+
+
+def _describe(value: Any) -> str:
+    """A short description of a malformed value, for a one-line message."""
+    if isinstance(value, torch.Tensor):
+        shown = f", value {value.item():g}" if value.numel() == 1 and not value.is_complex() else ""
+        return f"a tensor ({str(value.dtype).removeprefix('torch.')}, shape {tuple(value.shape)}{shown})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(sorted(map(str, value))[:4]) + "}"
+    return repr(value)[:40]
 
 
 @contextlib.contextmanager
