@@ -9,6 +9,7 @@ import torch
 
 from .config import SamplingConfig
 from .decode import generate, stream
+from .device import on_huge_pages
 from .errors import UsageError
 from .model import GPT
 from .packing import pack_linears
@@ -82,11 +83,12 @@ def for_inference(model: GPT, device: torch.device, dtype: torch.dtype, quantize
     On a CPU the Linear layers are then prepacked for oneDNN (packing.py), or with ``quantize="int8"`` stored in
     int8 (quantize.py; UsageError off the CPU): either way they no longer have a backward.
     """
-    model = model.to(device=device, dtype=dtype).eval()
-    if quantize == "int8":
-        quantize_int8(model, dtype)
-    elif device.type == "cpu":
-        pack_linears(model)
+    with on_huge_pages(device):  # the weights' new copies: on 2 MB pages, where Linux gives them
+        model = model.to(device=device, dtype=dtype).eval()
+        if quantize == "int8":
+            quantize_int8(model, dtype)
+        elif device.type == "cpu":
+            pack_linears(model)
     return model
 
 
