@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,28 @@ def test_keep_freed_memory_serves_large_tensors_from_the_heap(mode: str, in_heap
     default). The result is unchanged."""
     result = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True)
     assert result.stdout.split() == [in_heap, str(2.0 * (1 << 24))]
+
+
+HUGE_PAGES_PROBE = """
+import torch
+from gpt2scratch import device
+with device.on_huge_pages(torch.device("cpu")):
+    weights = torch.ones(16 * 2**20 // 4)  # 16 MB: a mapping of its own
+inside = False
+for line in open("/proc/self/smaps"):
+    if not line[0].isupper():  # a mapping's first line: its address range
+        start, end = (int(a, 16) for a in line.split()[0].split("-"))
+        inside = start <= weights.data_ptr() < end
+    elif inside and line.startswith("AnonHugePages:"):
+        print(line.split()[1])
+"""
+
+
+def test_memory_mapped_inside_on_huge_pages_gets_huge_pages() -> None:
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    release = tuple(int(n) for n in platform.release().split(".")[:2] if n.isdigit())
+    if platform.system() != "Linux" or release < (6, 1) or not thp.exists() or "[madvise]" not in thp.read_text():
+        pytest.skip("needs Linux 6.1+ (MADV_COLLAPSE) with transparent huge pages on request only")
+    # A fresh process: one whose allocator was told to keep freed memory (keep_freed_memory) maps nothing new.
+    done = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], capture_output=True, text=True, check=True)
+    assert int(done.stdout) >= 8 * 1024  # kB on 2 MB pages, which the "madvise" setting gives only when asked

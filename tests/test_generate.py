@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import re
@@ -17,8 +18,9 @@ from gpt2scratch import cli
 from gpt2scratch import device as device_module
 from gpt2scratch.config import GPTConfig, SamplingConfig
 from gpt2scratch.convert import export
+from gpt2scratch.decode import stream
 from gpt2scratch.errors import CheckpointError, UsageError
-from gpt2scratch.generate import generate_text, prompt_ids, stream_text
+from gpt2scratch.generate import for_inference, generate_text, prompt_ids, stream_text
 from gpt2scratch.model import GPT
 from gpt2scratch.tokenizer import decode, encode
 from gpt2scratch.weights import load_model
@@ -75,6 +77,7 @@ RUNS = {
     "seed 7 again": ["--seed", "7"],
     "seed 8": ["--seed", "8"],
     "stream": ["--stream", "--seed", "5", "--num-samples", "2", "--max-new-tokens", "12"],
+    "int8": ["--seed", "7", "--quantize", "int8"],
 }
 
 
@@ -107,6 +110,13 @@ def test_prints_five_numbered_samples(stdout: dict[str, str], model: GPT, fp32_m
     assert texts == generate_text(model, PROMPT, SamplingConfig(seed=7))
 
 
+def test_quantize_int8_samples_from_the_int8_model(
+    stdout: dict[str, str], model: GPT, fp32_matmul_precision: None
+) -> None:
+    int8 = for_inference(copy.deepcopy(model), CPU, torch.float32, quantize="int8")
+    assert samples(stdout["int8"]) == generate_text(int8, PROMPT, SamplingConfig(seed=7))
+
+
 def test_same_seed_same_samples(stdout: dict[str, str]) -> None:
     assert stdout["seed 7 again"] == stdout["seed 7"]
 
@@ -128,7 +138,7 @@ def test_stream(stdout: dict[str, str], model: GPT, fp32_matmul_precision: None)
         assert text == "".join(stream_text(model, PROMPT, sampling))
         assert [text] == generate_text(model, PROMPT, sampling)
         generator = torch.Generator().manual_seed(5 + i)
-        tokens = [int(t) for t in model.stream(torch.tensor([ids]), 12, top_k=50, generator=generator)]
+        tokens = [int(t) for t in stream(model, torch.tensor([ids]), 12, top_k=50, generator=generator)]
         assert len(tokens) == 12 and text == decode(ids + tokens)
 
 

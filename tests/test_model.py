@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import REPO, TINY
 
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.model import GPT, KVCache, attend_one_query, sample
+from gpt2scratch.decode import SlotCache, stream
+from gpt2scratch.model import GPT
 
 # Small shapes with a small vocabulary (logits far apart, tests in milliseconds); the last one without biases.
 CONFIGS = [
@@ -100,11 +101,17 @@ def test_sequence_longer_than_block_size_is_a_value_error(model: GPT) -> None:
         model(random_ids(model.config, 1, 33))
 
 
+def cached(model: GPT, cache: SlotCache, idx: torch.Tensor) -> torch.Tensor:
+    """The logits (B, T, V) of a forward pass of ``idx`` (B, T) after what ``cache`` holds (every row alike)."""
+    return model(idx, cache=cache.batch(0, [idx.size(1)] * idx.size(0)))[0]
+
+
 def test_cache_overflow_is_a_value_error(model: GPT) -> None:
-    cache = KVCache(model.config, 1, 32, torch.device("cpu"), torch.float32)
-    model(random_ids(model.config, 1, 30), cache=cache)
-    with pytest.raises(ValueError, match=r"sequence of 33 tokens .* block size \(32\)"):
-        model(random_ids(model.config, 1, 3), cache=cache)
+    cache = SlotCache(model.config, 1, 32, torch.device("cpu"), torch.float32)
+    cached(model, cache, random_ids(model.config, 1, 30))
+    with pytest.raises(ValueError, match=r"sequence of 33 tokens does not fit in a KV cache of 32 positions"):
+        cached(model, cache, random_ids(model.config, 1, 3))
+    assert cache.lengths == [30]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"L{c.n_layer}H{c.n_head}C{c.n_embd}")
@@ -113,27 +120,13 @@ def test_cached_forward_in_chunks_equals_full_forward(config: GPTConfig) -> None
     model = make_model(config)
     idx = random_ids(config, 2, config.block_size)
     full, _ = model(idx)
-    cache = KVCache(config, 2, config.block_size, torch.device("cpu"), torch.float32)
+    cache = SlotCache(config, 2, config.block_size, torch.device("cpu"), torch.float32)
     pieces, start = [], 0
     for size in (5, 4, 1, 1, 3, config.block_size - 14):
-        logits, _ = model(idx[:, start : start + size], cache=cache)
-        pieces.append(logits)
+        pieces.append(cached(model, cache, idx[:, start : start + size]))
         start += size
-    assert cache.length == config.block_size
+    assert cache.lengths == [config.block_size] * 2
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)], ids=str)
-def test_one_query_attention_equals_sdpa(dtype: torch.dtype, tol: float) -> None:
-    """The bf16 decoding path (two matrix-vector products) against SDPA in float64, on a strided cache view."""
-    g = torch.Generator().manual_seed(0)
-    cache = torch.randn(2, 3, 4, 50, 16, generator=g, dtype=torch.float64)  # (k/v, B, nh, max_len, hs)
-    q = torch.randn(3, 4, 1, 16, generator=g, dtype=torch.float64)
-    k, v = cache[0, :, :, :37], cache[1, :, :, :37]  # 37 valid positions of 50, as in a KV cache
-    expected = F.scaled_dot_product_attention(q, k, v)
-    got = attend_one_query(q.to(dtype), k.to(dtype), v.to(dtype))
-    assert got.shape == expected.shape and got.dtype == dtype
-    assert (got.double() - expected).abs().max() <= tol * expected.abs().max()
 
 
 def test_bf16_cached_decoding_follows_the_full_forward() -> None:
@@ -141,9 +134,9 @@ def test_bf16_cached_decoding_follows_the_full_forward() -> None:
     model = make_model(CONFIGS[0]).to(torch.bfloat16)
     idx = random_ids(CONFIGS[0], 2, 24)
     full, _ = model(idx)
-    cache = KVCache(CONFIGS[0], 2, 24, torch.device("cpu"), torch.bfloat16)
-    model(idx[:, :8], cache=cache)
-    steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(8, 24)]
+    cache = SlotCache(CONFIGS[0], 2, 24, torch.device("cpu"), torch.bfloat16)
+    cached(model, cache, idx[:, :8])
+    steps = [cached(model, cache, idx[:, t : t + 1]) for t in range(8, 24)]
     error = (torch.cat(steps, dim=1).float() - full[:, 8:].float()).abs().max()
     assert error <= 0.05 * full.float().abs().max()
 
@@ -245,69 +238,9 @@ def test_same_seed_same_samples_other_seed_other_samples(model: GPT) -> None:
 def test_stream_yields_the_tokens_of_generate(model: GPT) -> None:
     idx = random_ids(model.config, 3, 4)
     generated = model.generate(idx, 40, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    tokens = list(model.stream(idx, 40, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3)))
+    tokens = list(stream(model, idx, 40, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3)))
     assert len(tokens) == 40 and all(t.shape == (3,) for t in tokens)
     assert torch.equal(torch.stack(tokens, dim=1), generated[:, 4:])
-
-
-def test_temperature_zero_is_argmax() -> None:
-    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(sample(logits, temperature=0, top_k=3, top_p=0.5), logits.argmax(-1))
-
-
-LOGITS = torch.randn(1, 40, generator=torch.Generator().manual_seed(11)) * 2  # one fixed distribution over 40 tokens
-DRAWS = 20_000
-
-
-def draw(logits: torch.Tensor, **kwargs) -> torch.Tensor:
-    """DRAWS samples from one row of logits, as one batch."""
-    return sample(logits.expand(DRAWS, -1), generator=torch.Generator().manual_seed(0), **kwargs)
-
-
-@pytest.mark.parametrize("k", [1, 2, 5, 39])
-def test_top_k_keeps_only_the_k_most_likely(k: int) -> None:
-    drawn = draw(LOGITS, top_k=k)
-    allowed = set(LOGITS[0].topk(k).indices.tolist())
-    seen = set(drawn.tolist())
-    assert seen <= allowed
-    assert seen == allowed or k == 39  # with 20,000 draws every kept token shows up (the 39th may be rare)
-    # Frequencies follow the renormalised distribution over the kept tokens.
-    probs = LOGITS[0].softmax(-1)
-    kept = torch.zeros_like(probs)
-    kept[list(allowed)] = probs[list(allowed)]
-    expected = kept / kept.sum()
-    freq = torch.bincount(drawn, minlength=40).float() / DRAWS
-    assert (freq - expected).abs().max() < 0.015
-
-
-def test_top_k_larger_than_the_vocabulary_is_plain_sampling() -> None:
-    freq = torch.bincount(draw(LOGITS, top_k=1000), minlength=40).float() / DRAWS
-    assert (freq - LOGITS[0].softmax(-1)).abs().max() < 0.015
-
-
-@pytest.mark.parametrize(
-    ("top_p", "nucleus"),
-    [(0.3, {0}), (0.45, {0}), (0.55, {0, 1}), (0.75, {0, 1}), (0.85, {0, 1, 2}), (0.99, {0, 1, 2, 3}), (1.0, None)],
-)
-def test_top_p_keeps_only_the_nucleus(top_p: float, nucleus: set[int] | None) -> None:
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    order = torch.tensor([2, 0, 3, 1])  # token ids not in probability order, to exercise the un-sorting
-    logits = torch.empty(1, 4)
-    logits[0, order] = probs.log()
-    drawn = draw(logits, top_p=top_p)
-    ranks = {int((order == t).nonzero()) for t in set(drawn.tolist())}  # back to 0 = most likely
-    expected = nucleus if nucleus is not None else {0, 1, 2, 3}
-    assert ranks == expected
-    freq = torch.bincount(drawn, minlength=4).float()[order] / DRAWS  # by rank
-    kept = torch.tensor([p if i in expected else 0.0 for i, p in enumerate(probs.tolist())])
-    assert (freq - kept / kept.sum()).abs().max() < 0.015
-
-
-def test_top_k_and_top_p_per_row() -> None:
-    logits = torch.stack([LOGITS[0], LOGITS[0].flip(0)])  # two rows with different favourites
-    drawn = sample(logits.repeat(2000, 1), top_k=3, generator=torch.Generator().manual_seed(0)).view(2000, 2)
-    assert set(drawn[:, 0].tolist()) == set(LOGITS[0].topk(3).indices.tolist())
-    assert set(drawn[:, 1].tolist()) == set(LOGITS[0].flip(0).topk(3).indices.tolist())
 
 
 def test_generate_with_top_k_samples_within_the_model_top_k(model: GPT) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .decode import Engine
-from .model import sample
+from .sampling import sample
 from .tokenizer import EOT_TOKEN, decode
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Closed(Exception):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one sequence picks its tokens (see ``model.sample``); ``seed`` None draws one from the OS."""
+    """How one sequence picks its tokens (see ``sampling.sample``); ``seed`` None draws one from the OS."""
 
     temperature: float = 1.0
     top_k: int | None = None

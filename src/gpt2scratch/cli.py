@@ -285,7 +285,7 @@ def run_generate(cfg: GenerateConfig) -> int:
     configure_matmul(device)
     model = load_model(cfg.model.name)
     check_vocabulary(model.config.vocab_size, cfg.model.name)  # generate_text checks too; here the message names it
-    model = for_inference(model, device, dtype)
+    model = for_inference(model, device, dtype, cfg.quantize)
     sampling = cfg.sampling
     if not cfg.stream:
         for i, text in enumerate(generate_text(model, cfg.prompt, sampling), 1):

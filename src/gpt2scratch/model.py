@@ -12,7 +12,6 @@ P past tokens held in the KV cache, S = P + T keys an attention sees.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -24,8 +23,8 @@ from .loss import head_loss
 
 
 class Cache(Protocol):
-    """What the model asks of a KV cache: ``KVCache`` below (rows in step), or decode.py's slots (each row at its
-    own position). One forward pass calls ``positions`` once, ``update`` once per layer, then ``advance``."""
+    """What the model asks of a KV cache (decode.py's ``SlotBatch``: each row at its own position). One forward pass
+    calls ``positions`` once, ``update`` once per layer, then ``advance``."""
 
     def positions(self, T: int) -> torch.Tensor:
         """Positions of the T new tokens: (T,) shared by all rows or (B, T) per row; ValueError past the cache."""
@@ -42,41 +41,6 @@ class Cache(Protocol):
     def advance(self, T: int) -> None:
         """The new tokens went through every layer: count them as held."""
         ...
-
-
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so that each new token costs one position.
-
-    Buffers are allocated once for ``max_len`` positions and filled in place; ``length`` is how many are valid
-    (the same for every row).
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        assert max_len <= config.block_size
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)  # (L, B, nh, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.block_size = config.block_size
-        self.max_len = max_len
-        self.length = 0
-
-    def positions(self, T: int) -> torch.Tensor:
-        end = self.length + T
-        if end > self.block_size:
-            raise ValueError(f"sequence of {end} tokens is longer than the model's block size ({self.block_size})")
-        if end > self.max_len:
-            raise ValueError(f"sequence of {end} tokens does not fit in a KV cache of {self.max_len} positions")
-        return torch.arange(self.length, end, dtype=torch.long, device=self.k.device)  # (T,)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], None  # (B, nh, P+T, hs): all rows aligned
-
-    def advance(self, T: int) -> None:
-        self.length += T
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,8 +65,6 @@ class CausalSelfAttention(nn.Module):
         S = k.size(2)
         if mask is None and S == T:  # the whole sequence is new: plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
-        elif T == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0:
-            y = attend_one_query(q, k, v, mask)  # (B, nh, 1, hs): the same math, faster than CPU SDPA in bf16
         elif T == 1 and mask is None:  # one new token may look at everything before it
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
         else:  # new tokens see the past and the new tokens up to themselves
@@ -111,23 +73,6 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
-
-
-def attend_one_query(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) v for one query per head, (B, nh, 1, hs), as two batched matrix-vector products;
-    with a boolean ``mask`` (B, 1, 1, S), only the keys it marks.
-
-    PyTorch's CPU SDPA kernels work on blocks of queries; for one bf16 query over a long KV cache they take 2-4x
-    longer than these two products, which stream the cache once. The scores come out of the first product in the
-    inputs' dtype (rounded to bf16, as every activation of a bf16 model is); the softmax is taken in fp32.
-    """
-    scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)  # (B, nh, 1, S)
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / math.sqrt(k.size(-1))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -250,46 +195,6 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
-    def stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = 50,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token of each row, (B,), ``max_new_tokens`` times, continuing the prompts ``idx`` (B, T).
-
-        Sampling: logits / temperature (0 means greedy), then keep the ``top_k`` most likely tokens and/or the
-        smallest set whose probability reaches ``top_p``. With ``use_cache`` each step feeds one token through
-        the model; past ``block_size`` the context slides (the cache is refilled with the last half-block).
-        """
-        assert idx.dim() == 2
-        block = self.config.block_size
-        context = idx
-        cache: KVCache | None = None
-        logits = None
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(context[:, -block:], last_only=True)
-            elif cache is None or cache.length + 1 > block:
-                # (Re)fill the cache with the prompt, or with the last half-block once the context is full.
-                keep = context if cache is None else context[:, -(block // 2) :]
-                keep = keep[:, -block:]
-                cache_len = min(block, keep.size(1) + max_new_tokens)
-                cache = KVCache(self.config, idx.size(0), cache_len, idx.device, self.lm_head.weight.dtype)
-                logits, _ = self(keep, cache=cache, last_only=True)
-            else:
-                assert logits is not None
-                logits, _ = self(context[:, -1:], cache=cache, last_only=True)
-            next_token = sample(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
-            context = torch.cat([context, next_token[:, None]], dim=1)  # (B, T+1)
-            yield next_token
-
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -301,48 +206,8 @@ class GPT(nn.Module):
         eos_token: int | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
-        """The prompts ``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + n).
+        """The prompts ``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + n). A shortcut to
+        ``decode.generate``, the decoding loop that every command shares (see there for the arguments)."""
+        from .decode import generate  # decode.py builds on this module, so it is imported when used
 
-        With ``eos_token``, a row that produced it is padded with it from then on, and generation stops early once
-        every row has. See ``stream`` for the sampling arguments.
-        """
-        out = [idx]
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for token in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
-            if eos_token is not None:
-                token = token.masked_fill(done, eos_token)
-                done |= token == eos_token
-            out.append(token[:, None])
-            if eos_token is not None and bool(done.all()):
-                break
-        return torch.cat(out, dim=1)
-
-
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token id per row, (B,), drawn from ``logits`` (B, V) after temperature, top-k and top-p filtering."""
-    logits = logits.float()
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    candidates = None  # vocabulary ids of the columns of ``logits`` once it is cut to the top k
-    if top_k is not None and top_k < logits.size(-1):
-        logits, candidates = torch.topk(logits, top_k, dim=-1)  # (B, k), most likely first
-    if top_p is not None and top_p < 1.0:
-        if candidates is None:
-            logits, candidates = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = logits.softmax(dim=-1)
-        # Drop a token when the more likely ones before it already reach top_p; the most likely always stays.
-        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
-    # Inverse-CDF sampling: one uniform number per row (torch.multinomial would draw one per vocabulary entry).
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, k or V)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1)
-    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)  # (B, 1): first entry above u
-    if candidates is not None:
-        choice = candidates.gather(-1, choice)
-    return choice.squeeze(-1)  # (B,)
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, eos_token, use_cache)

@@ -68,10 +68,10 @@ def serve(cfg: ServeConfig) -> None:
     engine = load_engine(cfg)
     app = make_app(engine, cfg.model.name, api_key, cfg.max_queue)
     host, port = sock.getsockname()[:2]
-    weight = engine.model.lm_head.weight
+    weight = engine.model.transformer.wte.weight
+    precision = str(weight.dtype).removeprefix("torch.") + (", int8 weights" if cfg.quantize == "int8" else "")
     log.info("serving %s on http://%s:%d (%s, %s, up to %d sequences per batch)", cfg.model.name,
-             f"[{host}]" if ":" in host else host, port, str(weight.dtype).removeprefix("torch."), weight.device,
-             cfg.max_batch)  # fmt: skip
+             f"[{host}]" if ":" in host else host, port, precision, weight.device, cfg.max_batch)  # fmt: skip
     import uvicorn
 
     config = uvicorn.Config(
@@ -103,7 +103,7 @@ def load_engine(cfg: ServeConfig) -> Engine:
             f"--max-batch {cfg.max_batch} needs a KV cache of {needed / 1e9:.2f} GB, more than the "
             f"{available / 1e9:.2f} GB available; lower --max-batch"
         )
-    engine = Engine(for_inference(model, device, dtype), cfg.max_batch)
+    engine = Engine(for_inference(model, device, dtype, cfg.quantize), cfg.max_batch)
     engine.prefill([[EOT_TOKEN]])  # the first calls set up kernels (oneDNN's, CUDA's): not on a client's time
     engine.step([EOT_TOKEN])
     engine.release(0)
