@@ -262,7 +262,7 @@ def _shard(path: Path, magic: int = 20240520, count: int = 200, tokens: int = 20
 
 
 def _prepared(path: Path) -> None:
-    from gpt2scratch.config import PrepareConfig
+    from gpt2scratch.commands import PrepareConfig
     from gpt2scratch.prepare import prepare
 
     (path.parent / "one.txt").write_text(SAMPLE_TEXT, encoding="utf-8")

@@ -8,19 +8,8 @@ import pytest
 import torch
 
 from gpt2scratch.cli import build_parser, from_args
-from gpt2scratch.config import (
-    PRESETS,
-    EvalConfig,
-    ExportConfig,
-    GenerateConfig,
-    GPTConfig,
-    ModelSource,
-    PlotConfig,
-    SamplingConfig,
-    TrainConfig,
-    flag,
-    preset,
-)
+from gpt2scratch.commands import EvalConfig, ExportConfig, GenerateConfig, ModelSource, PlotConfig, SamplingConfig
+from gpt2scratch.config import PRESETS, GPTConfig, TrainConfig, flag, preset
 from gpt2scratch.errors import ConfigError, UsageError
 from gpt2scratch.model import GPT
 

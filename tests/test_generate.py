@@ -16,7 +16,8 @@ from conftest import ONE_THREAD, assert_one_line_error, run_cli
 
 from gpt2scratch import cli
 from gpt2scratch import device as device_module
-from gpt2scratch.config import GPTConfig, SamplingConfig
+from gpt2scratch.commands import SamplingConfig
+from gpt2scratch.config import GPTConfig
 from gpt2scratch.convert import export
 from gpt2scratch.decode import stream
 from gpt2scratch.errors import CheckpointError, UsageError

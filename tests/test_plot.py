@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, skip_without, temporaries
 
-from gpt2scratch.config import PlotConfig
+from gpt2scratch.commands import PlotConfig
 from gpt2scratch.errors import DataError, UsageError
 from gpt2scratch.plot import plot_runs, read_run, write_run_plot
 

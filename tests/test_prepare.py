@@ -20,7 +20,7 @@ from conftest import REPO, SAMPLE_TEXT, digest, skip_without, temporaries
 
 from gpt2scratch import documents, shards
 from gpt2scratch import prepare as prepare_module
-from gpt2scratch.config import PrepareConfig
+from gpt2scratch.commands import PrepareConfig
 from gpt2scratch.errors import DataError, OutDirError, UsageError
 from gpt2scratch.outdir import OutDirLock
 from gpt2scratch.prepare import prepare

@@ -24,7 +24,8 @@ import pytest
 import torch
 from conftest import REPO, assert_one_line_error, run_cli, skip_without
 
-from gpt2scratch.config import API_KEY_ENV, GPTConfig, ModelSource, SamplingConfig, ServeConfig
+from gpt2scratch.commands import API_KEY_ENV, ModelSource, SamplingConfig, ServeConfig
+from gpt2scratch.config import GPTConfig
 from gpt2scratch.convert import export
 from gpt2scratch.errors import UsageError
 from gpt2scratch.generate import for_inference, generate_text

@@ -33,7 +33,8 @@ from conftest import (
 
 import gpt2scratch
 from gpt2scratch import data, shards
-from gpt2scratch.config import GPTConfig, PrepareConfig, TrainConfig
+from gpt2scratch.commands import PrepareConfig
+from gpt2scratch.config import GPTConfig, TrainConfig
 from gpt2scratch.device import cpu_has_bf16
 from gpt2scratch.distributed import World
 from gpt2scratch.errors import CheckpointError, OutDirError, UsageError

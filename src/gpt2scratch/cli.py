@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
-from .config import (
+from .commands import (
     ConsolidateConfig,
     EvalConfig,
     ExportConfig,
@@ -30,8 +30,8 @@ from .config import (
     PrepareConfig,
     SamplingConfig,
     ServeConfig,
-    TrainConfig,
 )
+from .config import TrainConfig
 from .errors import GPT2ScratchError, Interrupted, Stopped, UsageError
 from .signals import ignore_stop_signals, stopping_at_once
 
@@ -274,7 +274,7 @@ class ProgressBar:
 
 
 def run_generate(cfg: GenerateConfig) -> int:
-    from .config import SEEDS
+    from .commands import SEEDS
     from .device import configure_matmul, pick_device, pick_dtype
     from .generate import for_inference, generate_text, stream_text
     from .tokenizer import check_vocabulary

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import TokenInfo
-from .config import SEEDS
+from .commands import SEEDS
 from .tokenizer import EOT_TOKEN, N_VOCAB, decode, encode
 
 MAX_N = 16  # choices per prompt

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .config import SamplingConfig
+from .commands import SamplingConfig
 from .decode import generate, stream
 from .device import available_memory, on_huge_pages
 from .errors import UsageError

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import replace_atomically, write_failure_reason
-from .config import PrepareConfig
+from .commands import PrepareConfig
 from .documents import Piece, Source, pieces, resolve_sources, where
 from .errors import DataError, OutDirError
 from .outdir import OutDirLock

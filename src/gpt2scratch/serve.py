@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from .batching import Batcher, Closed, QueueFull, Sampling, Sequence, Update
+from .commands import API_KEY_ENV, SEEDS, ServeConfig
 from .completions import (
     APIError,
     CompletionRequest,
@@ -42,7 +43,6 @@ from .completions import (
     parse_json,
     usage_body,
 )
-from .config import API_KEY_ENV, SEEDS, ServeConfig
 from .decode import Engine
 from .errors import UsageError
 from .prometheus import CountRequests, Metrics

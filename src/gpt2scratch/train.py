@@ -23,7 +23,8 @@ import torch
 
 from . import distributed, outdir, parallel, plot, sharded
 from .checkpoint import SnapshotWriter, all_finite, check_free_space, checkpoint_config
-from .config import GPTConfig, SamplingConfig, TrainConfig
+from .commands import SamplingConfig
+from .config import GPTConfig, TrainConfig
 from .data import Progress, make_loader, prepare_corpus
 from .device import autocast, check_model_fits, configure_matmul, keep_freed_memory, pick_device, pick_dtype
 from .distributed import World
