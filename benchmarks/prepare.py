@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,14 @@ import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
+LAUNCHER = """
+import json, resource, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    json.dump({"cpu_seconds": usage.ru_utime + usage.ru_stime, "maxrss_kib": usage.ru_maxrss}, f)
+sys.exit(code)
+"""
 
 
 def documents(size: int) -> list[str]:
@@ -77,16 +84,20 @@ def main() -> None:
 
     command = [sys.executable, "-m", "gpt2scratch", "prepare", str(source), "--out", str(folder / "shards")]
     command += ["--parallel", args.parallel] + (["--workers", str(args.workers)] if args.workers else [])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # prepare runs under a small launcher that reports its children's resource use. A child forked from this
+    # process would count the documents this process still holds in its peak RSS (ru_maxrss survives exec).
+    usage_file = folder / "usage.json"
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, str(usage_file), *command], env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - started
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # prepare and its workers: the only children since
     if done.returncode != 0:
         sys.exit(f"prepare failed:\n{done.stderr[-3000:]}")
     print(done.stdout.strip(), file=sys.stderr)
-    cores = (usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime) / wall
-    peak_gib = usage.ru_maxrss / 2**20  # KiB on Linux: the largest process of the tree
+    usage = json.loads(usage_file.read_text())  # prepare and its workers
+    cores = usage["cpu_seconds"] / wall
+    peak_gib = usage["maxrss_kib"] / 2**20  # the largest process of the tree
 
     from gpt2scratch.tokenizer import get_encoding
 
