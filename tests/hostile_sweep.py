@@ -1,5 +1,6 @@
 """A hostile sweep of the command line: hundreds of bad flags, inputs, out dirs, damaged checkpoints, environments
-and signals against train, generate, export, eval and plot, each in a fresh directory with a tiny model on the CPU.
+and signals against train, generate, export, eval, plot, prepare, consolidate and serve's start-up, and token shards,
+JSON lines and Parquet files as training input, each in a fresh directory with a tiny model on the CPU.
 
 Run by hand (pytest does not collect it; a full sweep takes tens of minutes on two cores):
 
@@ -8,14 +9,16 @@ Run by hand (pytest does not collect it; a full sweep takes tens of minutes on t
 For each case it records the exit code, whether stderr holds a Traceback or "internal error", whether stderr is one
 line (an error) or empty (a success), whether a file that existed before (another run's, the source checkpoint)
 changed or vanished (sha256 before and after), temporary files left (``.tmp-``), a death by signal or a hang, and
-whether a malicious pickle ran its command. It prints a table by group and the failing cases, and writes every
-outcome to OUT/results.jsonl. A case whose stderr legitimately holds several lines (--debug, a progress bar) says so
-in ``multiline``: it is counted apart, not hidden.
+whether a malicious pickle ran its command, and what a case's own ``check`` finds in its directory afterwards (a
+resumed prepare's shards against an uninterrupted run's, say). It prints a table by group and the failing cases, and
+writes every outcome to OUT/results.jsonl. A case whose stderr legitimately holds several lines (--debug, a progress
+bar) says so in ``multiline``: it is counted apart, not hidden.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -24,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -64,6 +68,10 @@ TEXT = (
     "know Caius Marcius is chief enemy to the people.\n\nAll:\nWe know't, we know't.\n\n"
 ) * 4
 BIG_REPEAT = 60_000  # TEXT * this: ~45 MB, several seconds of tokenizing with a progress bar
+BIG_DOCS = 20_500  # lines of big.jsonl, a document of TEXT each: ~25 MB, enough for prepare's progress bar
+BIG_PREPARE = ["--shard-tokens", "500000", "--val-tokens", "100000"]  # ~12 shards of big.jsonl
+DOCS = "".join(json.dumps({"text": part}) + "\n" for part in TEXT.split("\n\n") if part)  # JSON lines, a speech each
+SHARD_MAGIC = 20240520  # llm.c's
 PWNED = "PWNED"  # the file a malicious pickle would create in the case's directory
 ERROR_CODES = {1, 2}
 RUNNING: dict[int, subprocess.Popen] = {}  # the command each worker thread runs now, killed if the sweep is stopped
@@ -88,11 +96,13 @@ class Case:
     ignore: tuple[int, ...] = ()  # signals the parent process ignores (nohup, a background job)
     script: bool = False  # python train.py instead of gpt2-scratch
     timeout: float = 300
+    check: Callable[[Path, Base], list[str]] | None = None  # more problems, found in the case's directory after it
 
 
 @dataclass
 class Base:
-    """What cases copy: a 2-step run (snapshots at steps 1 and 2), a finished run, an export, a big text."""
+    """What cases copy: a 2-step run (snapshots at steps 1 and 2), a finished run, an export, a big text, a sharded
+    snapshot of 2 FSDP ranks, a big JSON-lines file and its shards as an uninterrupted prepare writes them."""
 
     folder: Path
 
@@ -115,6 +125,19 @@ class Base:
     @property
     def big(self) -> Path:
         return self.folder / "big.txt"
+
+    @property
+    def sharded(self) -> Path:
+        return self.folder / "fsdp" / "snapshots" / "snapshot_step_2"
+
+    @property
+    def big_jsonl(self) -> Path:
+        return self.folder / "big.jsonl"
+
+    @property
+    def prepared(self) -> Path:
+        """``prepare big.jsonl --out prepared`` with BIG_PREPARE, run in ``folder``."""
+        return self.folder / "prepared"
 
 
 def gpt2_scratch(*args: str) -> list[str]:
@@ -148,8 +171,26 @@ def make_base(folder: Path) -> Base:
         gpt2_scratch("export", str(base.snapshot), str(base.hf)), env=child_env(), check=True, capture_output=True
     )
     base.big.write_text(TEXT * BIG_REPEAT, encoding="utf-8")
+    fsdp = base.sharded.parent.parent
+    fsdp.mkdir()
+    (fsdp / "input.txt").write_text(TEXT, encoding="utf-8")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    flags = [*TINY, "-B", "2", "--parallel", "fsdp", "--snapshot-interval", "1", "--target-loss", "0"]
+    subprocess.run(
+        [*torchrun, str(REPO / "train.py"), *flags], cwd=fsdp, env=child_env(), check=True, capture_output=True
+    )
+    assert (base.sharded / ".metadata").is_file(), sorted(base.sharded.parent.iterdir())
+    base.big_jsonl.write_text((json.dumps({"text": TEXT}) + "\n") * BIG_DOCS, encoding="utf-8")
+    prepare = gpt2_scratch("prepare", base.big_jsonl.name, "--out", base.prepared.name, *BIG_PREPARE)
+    subprocess.run(prepare, cwd=folder, env=child_env(), check=True, capture_output=True)
     (folder / "done").write_text("")
     return base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---- what a case's directory holds ----
@@ -1089,6 +1130,665 @@ def resume_cases() -> list[Case]:
     return [Case("resume", name, argv, setup, codes, own=own) for name, (argv, setup, codes, own) in cases.items()]
 
 
+# ---- prepare, consolidate, serve, and shards or documents as training input ----
+
+
+def shard(
+    name: str, tokens: int = 1000, count: int | None = None, magic: int = SHARD_MAGIC, version: int = 1,
+    token_id: int | None = None, size: int | None = None,
+) -> Setup:  # fmt: skip
+    """A token shard in llm.c's format: 256 int32 (magic, version, count, zeros), then ``tokens`` uint16 ids (all
+    ``token_id``, else counting up); ``count`` for a header that lies, ``size`` to cut or pad the file to that many
+    bytes."""
+
+    def make(d: Path, base: Base) -> None:
+        import numpy as np
+
+        header = np.zeros(256, dtype="<i4")
+        header[:3] = magic, version, tokens if count is None else count
+        ids = np.full(tokens, token_id) if token_id is not None else np.arange(tokens) % 50_000
+        data = header.tobytes() + ids.astype("<u2").tobytes()
+        if size is not None:
+            data = data[:size] + bytes(max(0, size - len(data)))
+        path = d / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    return make
+
+
+def parquet(name: str, columns: dict[str, list] | None = None, string_column: str = "") -> Setup:
+    """A Parquet file of ``columns`` (a column of strings, none null, holds TEXT's speeches by default);
+    ``string_column`` names an empty column of strings for a file of no rows."""
+
+    def make(d: Path, base: Base) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if string_column:
+            table = pa.table({string_column: pa.array([], pa.string())})
+        else:
+            table = pa.table(columns or {"text": [part for part in TEXT.split("\n\n") if part]})
+        pq.write_table(table, d / name)
+
+    return make
+
+
+def edit(name: str, change: Callable[[bytes], bytes]) -> Setup:
+    """The case's own file ``name`` (copied there by an earlier setup), its bytes changed."""
+    return lambda d, base: (d / name).write_bytes(change((d / name).read_bytes()))
+
+
+def remove(name: str) -> Setup:
+    return lambda d, base: shutil.rmtree(d / name) if (d / name).is_dir() else (d / name).unlink()
+
+
+def big_jsonl(name: str = "big.jsonl") -> Setup:
+    return lambda d, base: os.link(base.big_jsonl, d / name)
+
+
+def prepared(name: str = "shards") -> Setup:
+    """A copy of the base's prepare of big.jsonl, and big.jsonl beside it (so that the same prepare finds it done)."""
+    return both(big_jsonl(), lambda d, base: shutil.copytree(base.prepared, d / name))
+
+
+def interrupted_prepare(sig: int, shards: int = 2) -> Setup:
+    """big.jsonl, and the prepare of BIG_PREPARE stopped by ``sig`` once it has finished ``shards`` shards."""
+
+    def make(d: Path, base: Base) -> None:
+        big_jsonl()(d, base)
+        command = gpt2_scratch("prepare", "big.jsonl", "--out", "shards", *BIG_PREPARE)
+        run = subprocess.Popen(command, cwd=d, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while len(list((d / "shards").glob("*_*.bin"))) < shards and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        run.send_signal(sig)
+        run.wait()
+
+    return make
+
+
+def same_shards(d: Path, base: Base) -> list[str]:
+    """A case's check: shards/ holds byte for byte the shards of the base's uninterrupted prepare, and lists them
+    the same."""
+    import hashlib as _hashlib
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: _hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.bin"))}
+
+    found, expected = digests(d / "shards"), digests(base.prepared)
+    if found != expected:
+        differ = sorted(set(found) ^ set(expected)) or [n for n in expected if found.get(n) != expected[n]]
+        return [f"shards differ from an uninterrupted prepare's: {differ[:4]}"]
+    manifest = json.loads((d / "shards" / "manifest.json").read_text())
+    if manifest["shards"] != json.loads((base.prepared / "manifest.json").read_text())["shards"]:
+        return ["manifest.json lists the shards otherwise than an uninterrupted prepare's"]
+    return []
+
+
+def sources_listed(count: int) -> Callable[[Path, Base], list[str]]:
+    """A case's check: the prepare's manifest lists ``count`` input files."""
+
+    def check(d: Path, base: Base) -> list[str]:
+        manifest = d / "shards" / "manifest.json"
+        listed = len(json.loads(manifest.read_text())["sources"]) if manifest.is_file() else 0
+        return [] if listed == count else [f"the manifest lists {listed} input files, not {count}"]
+
+    return check
+
+
+def failed_prepare(argv: list[str], before: Setup, after: Setup | None = None) -> Setup:
+    """``before``, then ``gpt2-scratch prepare ARGV`` run to its end (a failure, here), then ``after``."""
+
+    def make(d: Path, base: Base) -> None:
+        before(d, base)
+        subprocess.run(gpt2_scratch("prepare", *argv), cwd=d, env=child_env(), capture_output=True, timeout=300)
+        if after is not None:
+            after(d, base)
+
+    return make
+
+
+def prepare_cases() -> list[Case]:
+    out = ["--out", "shards"]
+    docs = text("d.jsonl", DOCS)
+    good = DOCS.encode()
+    nested = b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    cases: dict[str, tuple[list[str], Setup | None, set[int] | None]] = {
+        "text-ok": (["input.txt", *out], text(), {0}),
+        "jsonl-ok": (["d.jsonl", *out, "--shard-tokens", "100", "--val-tokens", "50"], docs, {0}),
+        "parquet-ok": (["d.parquet", *out], parquet("d.parquet"), {0}),
+        "no-input": (out, None, {2}),
+        "no-out": (["input.txt"], text(), {2}),
+        "out-empty": (["input.txt", "--out", ""], text(), {2}),
+        "missing-input": (["nope.jsonl", *out], None, {1}),
+        "input-empty-string": (["", *out], None, {1, 2}),
+        "empty-txt": (["e.txt", *out], text("e.txt", b""), {0, 1}),
+        "empty-jsonl": (["e.jsonl", *out], text("e.jsonl", b""), {1}),
+        "blank-lines-jsonl": (["b.jsonl", *out], text("b.jsonl", b"\n \n\t\n"), {1}),
+        "dir-empty": (["docs", *out], lambda d, b: (d / "docs").mkdir(), {1}),
+        "dir-nothing-readable": (
+            ["docs", *out],
+            both(text("docs/README.md"), text("docs/data.csv", "a,b\n"), text("docs/.hidden.jsonl", DOCS)),
+            {1},
+        ),
+        "dir-symlink-cycle": (
+            ["docs", *out],
+            both(text("docs/d.jsonl", DOCS), lambda d, b: os.symlink(".", d / "docs/again")),
+            {0, 1},
+        ),
+        "json-not-json": (["d.jsonl", *out], text("d.jsonl", good + b"{nope\n"), {1}),
+        "json-array-line": (["d.jsonl", *out], text("d.jsonl", b"[1, 2]\n"), {1}),
+        "json-field-missing": (["d.jsonl", *out], text("d.jsonl", b'{"body": "a"}\n'), {1}),
+        "json-field-number": (["d.jsonl", *out], text("d.jsonl", b'{"text": 5}\n'), {1}),
+        "json-field-null": (["d.jsonl", *out], text("d.jsonl", b'{"text": null}\n'), {1}),
+        "json-field-object": (["d.jsonl", *out], text("d.jsonl", b'{"text": {"a": [1]}}\n'), {1}),
+        "json-deeply-nested": (["d.jsonl", *out], text("d.jsonl", good + nested), {1}),
+        "json-lone-surrogate": (["d.jsonl", *out], text("d.jsonl", good + b'{"text": "a \\ud800 b"}\n'), {1}),
+        "json-raw-nul": (["d.jsonl", *out], text("d.jsonl", b'{"text": "a\x00b"}\n'), {1}),
+        "jsonl-latin-1": (["d.jsonl", *out], text("d.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1")), {1}),
+        "jsonl-utf-16": (["d.jsonl", *out], text("d.jsonl", DOCS.encode("utf-16")), {1}),
+        "text-field-other": (
+            ["d.jsonl", *out, "--text-field", "body"],
+            text("d.jsonl", DOCS.replace("text", "body")),
+            {0},
+        ),
+        "text-field-empty": (["d.jsonl", *out, "--text-field", ""], docs, {2}),
+        "txt-latin-1": (["l.txt", *out], text("l.txt", "caf\u00e9\n".encode("latin-1")), {1}),
+        "txt-nul-bytes": (["z.txt", *out], text("z.txt", TEXT.encode() + b"\x00"), {1}),
+        "gzip-corrupt": (["d.jsonl.gz", *out], text("d.jsonl.gz", b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4), {1}),
+        "gzip-truncated": (["d.jsonl.gz", *out], text("d.jsonl.gz", gzip.compress(good * 20)[:300]), {1}),
+        "gzip-not-gzip": (["d.jsonl.gz", *out], text("d.jsonl.gz", good), {1}),
+        "parquet-corrupt": (["d.parquet", *out], text("d.parquet", b"PAR1" + bytes(200) + b"PAR1"), {1}),
+        "parquet-zero-bytes": (["d.parquet", *out], text("d.parquet", b""), {1}),
+        "parquet-no-column": (["d.parquet", *out], parquet("d.parquet", {"body": ["a", "b"]}), {1}),
+        "parquet-int-column": (["d.parquet", *out], parquet("d.parquet", {"text": [1, 2]}), {1}),
+        "parquet-null-row": (["d.parquet", *out], parquet("d.parquet", {"text": ["a", None]}), {1}),
+        "parquet-no-rows": (["d.parquet", *out], parquet("d.parquet", string_column="text"), {1}),
+        "arrow-corrupt": (["d.arrow", *out], text("d.arrow", b"ARROW1" + bytes(300)), {1}),
+        "datasets-state-garbage": (["ds", *out], both(text("ds/state.json", "{"), text("ds/x.arrow", b"")), {1}),
+        "dataset-dict": (["ds", *out], both(text("ds/dataset_dict.json", "{}"), text("ds/train/x.arrow", b"")), {1}),
+        "fifo": (["pipe", *out], fifo("pipe"), {1}),
+        "dev-zero": (["/dev/zero", *out], None, {1}),
+        "proc-self-environ": (["/proc/self/environ", *out], None, {1}),
+        "symlink-loop": (["loop.jsonl", *out], lambda d, b: os.symlink("loop.jsonl", d / "loop.jsonl"), {1}),
+        "dangling-symlink": (["gone.jsonl", *out], lambda d, b: os.symlink("nowhere.jsonl", d / "gone.jsonl"), {1}),
+        "glob-nothing": (["*.jsonl", *out], None, {1}),
+        "glob-files": (["*.jsonl", *out], both(docs, text("e.jsonl", DOCS)), {0}),
+        "same-input-twice": (["d.jsonl", "d.jsonl", *out], docs, {0}),
+        "prepared-dir-as-input": (["old", *out], prepared("old"), {1}),
+        "out-a-file": (["d.jsonl", "--out", "d.jsonl"], docs, {1}),
+        "out-under-a-file": (["d.jsonl", "--out", "d.jsonl/shards"], docs, {1}),
+        "out-dev-null": (["d.jsonl", "--out", "/dev/null"], docs, {1}),
+        "out-proc": (["d.jsonl", "--out", "/proc/shards"], docs, {1}),
+        "out-same-as-input-dir": (["docs", "--out", "docs"], text("docs/d.jsonl", DOCS), {0, 1}),
+        "out-other-shards": (["input.txt", *out], both(text(), prepared()), {1}),
+        "out-foreign-shards": (["d.jsonl", *out], both(docs, shard("shards/train_000000.bin")), {1}),
+        "out-manifest-garbage": (["d.jsonl", *out], both(docs, text("shards/manifest.json", b"\xff{")), {1}),
+        "out-manifest-array": (["d.jsonl", *out], both(docs, text("shards/manifest.json", "[1]")), {1}),
+        "out-manifest-shards-garbage": (
+            ["big.jsonl", *out, *BIG_PREPARE],
+            both(
+                prepared(),
+                edit("shards/manifest.json", lambda b: b.replace(b'"name": "train_000001.bin"', b'"name": 5')),
+            ),
+            {1},
+        ),
+        "out-user-files": (["d.jsonl", *out], both(docs, text("shards/notes.txt", "mine")), {0}),
+        "out-in-use": (["d.jsonl", *out], both(docs, lock_holder("shards")), {1}),
+        "shard-tokens-0": (["d.jsonl", *out, "--shard-tokens", "0"], docs, {2}),
+        "shard-tokens-negative": (["d.jsonl", *out, "--shard-tokens", "-1"], docs, {2}),
+        "shard-tokens-2-31": (["d.jsonl", *out, "--shard-tokens", str(2**31)], docs, {2}),
+        "shard-tokens-huge": (["d.jsonl", *out, "--shard-tokens", "99999999999999999999"], docs, {2}),
+        "shard-tokens-abc": (["d.jsonl", *out, "--shard-tokens", "abc"], docs, {2}),
+        "shard-tokens-1": (["d.jsonl", *out, "--shard-tokens", "1"], docs, {0}),
+        "val-tokens-negative": (["d.jsonl", *out, "--val-tokens", "-1"], docs, {2}),
+        "val-tokens-whole-corpus": (["d.jsonl", *out, "--val-tokens", "1000000"], docs, {1}),
+        "workers-0": (["d.jsonl", *out, "--workers", "0"], docs, {2}),
+        "workers-negative": (["d.jsonl", *out, "--workers", "-3"], docs, {2}),
+        "workers-huge-threads": (
+            ["d.jsonl", *out, "--workers", "99999999999999999999", "--parallel", "threads"],
+            docs,
+            None,
+        ),
+        "workers-64-processes": (["d.jsonl", *out, "--workers", "64", "--parallel", "processes"], docs, {0, 2}),
+        "parallel-bogus": (["d.jsonl", *out, "--parallel", "gpu"], docs, {2}),
+        "rerun-after-fixing-a-bad-line": (
+            ["d.jsonl", *out],
+            failed_prepare(["d.jsonl", *out], text("d.jsonl", good + b"{nope\n"), docs),  # then the line fixed
+            {0},
+        ),
+        "rerun-after-val-tokens-too-large": (
+            ["d.jsonl", *out, "--val-tokens", "10"],
+            failed_prepare(["d.jsonl", *out, "--val-tokens", "1000000"], docs),
+            {0},
+        ),
+    }
+    made = [
+        Case("prepare", name, ["prepare", *argv], setup, codes, own=("shards/**",) if codes == {0} else ())
+        for name, (argv, setup, codes) in cases.items()
+    ]
+    big = ["prepare", "big.jsonl", *out, *BIG_PREPARE]
+    made += [
+        Case("prepare", "rerun-finished", big, prepared(), {0}, multiline=""),
+        Case(
+            "prepare",
+            "rerun-after-a-shard-deleted",
+            big,
+            both(prepared(), remove("shards/train_000003.bin")),
+            {0},
+            own=("shards/**",),
+            multiline="progress bar",
+            check=same_shards,
+        ),
+        Case(
+            "prepare",
+            "rerun-after-a-shard-truncated",
+            big,
+            both(prepared(), edit("shards/train_000005.bin", lambda b: b[:5000])),
+            {0},
+            own=("shards/**",),
+            multiline="progress bar",
+            check=same_shards,
+        ),
+        Case(
+            "prepare",
+            "stale-temporaries",
+            ["prepare", "d.jsonl", *out],
+            both(docs, text("shards/.train_000000.bin.tmp-999999", "x"), text("shards/.mine.tmp-1", "mine")),
+            {0},
+            own=("shards/.train_000000.bin.tmp-999999",),
+        ),
+        Case(
+            "prepare",
+            "dir-symlink-cycle-read-once",
+            ["prepare", "docs", *out],
+            both(text("docs/d.jsonl", DOCS), lambda d, b: os.symlink(".", d / "docs/again")),
+            {0, 1},
+            own=("shards/**",),
+            check=sources_listed(1),
+        ),
+    ]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        name = signal.Signals(sig).name
+        made += [
+            Case(
+                "prepare",
+                f"{name}-mid-prepare",
+                big,
+                big_jsonl(),
+                {128 + sig},
+                signals=[("preparing", 1.0, sig)],
+                multiline="progress bar",
+            ),
+            Case(
+                "prepare",
+                f"rerun-after-{name}",
+                big,
+                interrupted_prepare(sig),
+                {0},
+                own=("shards/**",),
+                multiline="progress bar",
+                check=same_shards,
+            ),
+        ]
+    return made
+
+
+def sharded_snapshot(name: str = "snap") -> Setup:
+    return lambda d, base: shutil.copytree(base.sharded, d / name)
+
+
+def consolidate_cases() -> list[Case]:
+    snapshot = sharded_snapshot()
+    cases: dict[str, tuple[list[str], Setup | None, set[int], tuple[str, ...]]] = {
+        "ok": (["snap", "out.pt"], snapshot, {0}, ()),
+        "no-arguments": ([], None, {2}, ()),
+        "snapshot-empty-string": (["", "out.pt"], None, {1, 2}, ()),
+        "output-empty-string": (["snap", ""], snapshot, {2}, ()),
+        "missing": (["nope", "out.pt"], None, {1}, ()),
+        "a-file": (["snap.pt", "out.pt"], snap(), {1}, ()),
+        "empty-dir": (["snap", "out.pt"], lambda d, b: (d / "snap").mkdir(), {1}, ()),
+        "no-metadata": (["snap", "out.pt"], both(snapshot, remove("snap/.metadata")), {1}, ()),
+        "metadata-a-dir": (
+            ["snap", "out.pt"],
+            both(snapshot, remove("snap/.metadata"), lambda d, b: (d / "snap/.metadata").mkdir()),
+            {1},
+            (),
+        ),
+        "metadata-evil-pickle": (["snap", "out.pt"], both(snapshot, evil("snap/.metadata", "raw")), {1}, ()),
+        "metadata-evil-pickle-2": (["snap", "out.pt"], both(snapshot, evil("snap/.metadata", "raw2")), {1}, ()),
+        "metadata-evil-torch-save": (
+            ["snap", "out.pt"],
+            both(snapshot, evil("evil.pt", "torch"), lambda d, b: os.replace(d / "evil.pt", d / "snap/.metadata")),
+            {1},
+            (),
+        ),
+        "metadata-truncated": (
+            ["snap", "out.pt"],
+            both(snapshot, edit("snap/.metadata", lambda b: b[: len(b) // 2])),
+            {1},
+            (),
+        ),
+        "metadata-empty": (["snap", "out.pt"], both(snapshot, edit("snap/.metadata", lambda b: b"")), {1}, ()),
+        "metadata-random": (
+            ["snap", "out.pt"],
+            both(snapshot, edit("snap/.metadata", lambda b: random.Random(2).randbytes(len(b)))),
+            {1},
+            (),
+        ),
+        "shard-truncated": (
+            ["snap", "out.pt"],
+            both(snapshot, edit("snap/__1_0.distcp", lambda b: b[: len(b) // 2])),
+            {1},
+            (),
+        ),
+        "shard-empty": (["snap", "out.pt"], both(snapshot, edit("snap/__0_0.distcp", lambda b: b"")), {1}, ()),
+        "shard-zeroed": (
+            ["snap", "out.pt"],
+            both(snapshot, edit("snap/__0_0.distcp", lambda b: bytes(len(b)))),
+            {1},
+            (),
+        ),
+        "shard-missing": (["snap", "out.pt"], both(snapshot, remove("snap/__1_0.distcp")), {1}, ()),
+        "a-snapshot-being-written": (
+            [".snapshot_step_3.tmp-99", "out.pt"],
+            both(sharded_snapshot(".snapshot_step_3.tmp-99"), remove(".snapshot_step_3.tmp-99/.metadata")),
+            {1},
+            (".snapshot_step_3.tmp-99/**",),
+        ),
+        "the-snapshots-folder": (["run/snapshots", "out.pt"], copy_of("run", "run"), {1}, ()),
+        "output-exists": (["snap", "out.pt"], both(snapshot, text("out.pt", "mine")), {2}, ()),
+        "output-exists-force": (
+            ["snap", "out.pt", "--force"],
+            both(snapshot, text("out.pt", "mine")),
+            {0},
+            ("out.pt",),
+        ),
+        "output-a-dir": (["snap", "out"], both(snapshot, lambda d, b: (d / "out").mkdir()), {2}, ()),
+        "output-missing-dir": (["snap", "no/such/out.pt"], snapshot, {0, 1}, ()),
+        "output-under-a-file": (["snap", "input.txt/out.pt"], both(snapshot, text()), {1, 2}, ()),
+        "output-proc": (["snap", "/proc/out.pt"], snapshot, {1}, ()),
+        "output-fifo": (["snap", "pipe"], both(snapshot, fifo("pipe")), {2}, ()),
+        "output-symlink-force": (
+            ["snap", "link.pt", "--force"],
+            both(snapshot, text("victim.pt", "mine"), lambda d, b: os.symlink("victim.pt", d / "link.pt")),
+            {0, 1, 2},
+            (),
+        ),
+        "output-onto-the-snapshot": (["snap", "snap"], snapshot, {2}, ()),
+        "output-onto-the-snapshot-force": (["snap", "snap", "--force"], snapshot, {2}, ()),
+        "output-inside-the-snapshot": (["snap", "snap/out.pt"], snapshot, {1, 2}, ()),
+        "output-onto-its-metadata": (["snap", "snap/.metadata", "--force"], snapshot, {1, 2}, ()),
+        "output-onto-its-shard": (["snap", "snap/__0_0.distcp", "--force"], snapshot, {1, 2}, ()),
+        "output-onto-its-metadata-via-link": (
+            ["snap", "same/.metadata", "--force"],
+            both(snapshot, lambda d, b: os.symlink("snap", d / "same")),
+            {1, 2},
+            (),
+        ),
+    }
+    made = [
+        Case("consolidate", name, ["consolidate", *argv], setup, codes, own=own)
+        for name, (argv, setup, codes, own) in cases.items()
+    ]
+    made += [
+        Case(
+            "consolidate",
+            "SIGTERM",
+            ["consolidate", "snap", "out.pt"],
+            snapshot,
+            {0, 143},
+            signals=[("", 2.0, signal.SIGTERM)],
+        ),
+        Case(
+            "consolidate",
+            "torchrun-variables",
+            ["consolidate", "snap", "out.pt"],
+            snapshot,
+            {0},
+            env=ENV_CASES["rank-1-no-rendezvous"],
+        ),
+    ]
+    return made
+
+
+def port_holder(port: int) -> Setup:
+    """Another process listening on ``port``."""
+
+    def make(d: Path, base: Base) -> Callable[[], None]:
+        code = (
+            "import socket, time\n"
+            f"s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()\n"
+            "print('held', flush=True); time.sleep(900)\n"
+        )
+        holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        return lambda: (holder.kill(), holder.wait())
+
+    return make
+
+
+def serve_cases() -> list[Case]:
+    """Start-up only: what serve does with bad flags and model sources, and a signal soon after it starts."""
+    ck = ["serve", "--checkpoint", "snap.pt", "--device", "cpu", "--port", "0"]
+    term = [("serving ", 0.5, signal.SIGTERM)]  # once it serves: it must stop by itself, exit 0 (or 143), and quietly
+    held = free_port()
+    starts: dict[str, tuple[list[str], Setup | None, dict[str, str | None]]] = {
+        "ok": (ck, snap(), {}),
+        "pretrained-hf": (["serve", "--pretrained", "hf", "--port", "0"], copy_of("hf", "hf"), {}),
+        "sharded-snapshot": (["serve", "--checkpoint", "snap", "--port", "0"], sharded_snapshot(), {}),
+        "final-model": (
+            ["serve", "--checkpoint", "finished/final_model.pt", "--port", "0"],
+            copy_of("finished", "finished"),
+            {},
+        ),
+        "open-host-without-key": ([*ck, "--host", "0.0.0.0"], snap(), {"GPT2SCRATCH_API_KEY": None}),
+        "ipv6-loopback": ([*ck, "--host", "::1"], snap(), {}),
+        "localhost": ([*ck, "--host", "localhost"], snap(), {}),
+        "api-key-env-empty": (ck, snap(), {"GPT2SCRATCH_API_KEY": ""}),
+        "quantize-int8": ([*ck, "--quantize", "int8"], snap(), {}),
+        "max-batch-1": ([*ck, "--max-batch", "1"], snap(), {}),
+        "max-queue-huge": ([*ck, "--max-queue", str(10**12)], snap(), {}),
+        "shutdown-timeout-0": ([*ck, "--shutdown-timeout", "0"], snap(), {}),
+        "shutdown-timeout-huge": ([*ck, "--shutdown-timeout", "1e30"], snap(), {}),
+        "dtype-float64": ([*ck, "--dtype", "float64"], snap(), {}),
+        "torchrun-variables": (ck, snap(), ENV_CASES["rank-1-no-rendezvous"]),
+    }
+    made = [
+        Case(
+            "serve",
+            name,
+            argv,
+            setup,
+            {0, 2, 143} if name == "ipv6-loopback" else {0, 143},
+            env=env,
+            signals=term,
+            timeout=120,
+        )
+        for name, (argv, setup, env) in starts.items()
+    ]
+    at = "serving "
+    made += [
+        Case("serve", "SIGINT-after-start", ck, snap(), {0, 130}, signals=[(at, 0.5, signal.SIGINT)], timeout=120),
+        Case("serve", "SIGHUP-after-start", ck, snap(), {0, 129}, signals=[(at, 0.5, signal.SIGHUP)], timeout=120),
+        Case(
+            "serve", "SIGTERM-at-the-serving-line", ck, snap(), {0, 143}, signals=[(at, 0, signal.SIGTERM)], timeout=120
+        ),
+        Case("serve", "SIGTERM-while-loading", ck, snap(), {0, 143}, signals=[("", 1.5, signal.SIGTERM)], timeout=120),
+        Case(
+            "serve",
+            "double-SIGTERM",
+            ck,
+            snap(),
+            {0, 143},
+            signals=[(at, 0.5, signal.SIGTERM), ("", 0.01, signal.SIGTERM)],
+            timeout=120,
+        ),
+        Case(
+            "serve",
+            "SIGTERM-then-SIGINT",
+            ck,
+            snap(),
+            {0, 130, 143},
+            signals=[(at, 0.5, signal.SIGTERM), ("", 0.05, signal.SIGINT)],
+            timeout=120,
+        ),
+    ]
+    refused: dict[str, tuple[list[str], Setup | None, set[int]]] = {
+        "no-source": (["serve"], None, {2}),
+        "both-sources": (["serve", "--checkpoint", "a", "--pretrained", "b"], None, {2}),
+        "checkpoint-empty": (["serve", "--checkpoint", ""], None, {2}),
+        "checkpoint-missing": (["serve", "--checkpoint", "nope.pt", "--port", "0"], None, {1}),
+        "checkpoint-dir": (["serve", "--checkpoint", ".", "--port", "0"], None, {1}),
+        "checkpoint-fifo": (["serve", "--checkpoint", "pipe", "--port", "0"], fifo("pipe"), {1}),
+        "checkpoint-truncated": (
+            ["serve", "--checkpoint", "ck.pt", "--port", "0"],
+            raw("ck.pt", lambda b: b[:999]),
+            {1},
+        ),
+        "checkpoint-evil": (["serve", "--checkpoint", "ck.pt", "--port", "0"], evil("ck.pt", "raw"), {1}),
+        "snapshot-evil-metadata": (
+            ["serve", "--checkpoint", "snap", "--port", "0"],
+            both(sharded_snapshot(), evil("snap/.metadata", "raw")),
+            {1},
+        ),
+        "pretrained-hub-offline": (["serve", "--pretrained", "gpt2", "--port", "0"], None, {1}),
+        "pretrained-missing-dir": (["serve", "--pretrained", "nope", "--port", "0"], None, {1, 2}),
+        "port-negative": ([*ck, "--port", "-1"], snap(), {2}),
+        "port-65536": ([*ck, "--port", "65536"], snap(), {2}),
+        "port-huge": ([*ck, "--port", "99999999999999999999"], snap(), {2}),
+        "port-abc": ([*ck, "--port", "abc"], snap(), {2}),
+        "port-in-use": ([*ck, "--port", str(held)], both(snap(), port_holder(held)), {2}),
+        "host-empty": ([*ck, "--host", ""], snap(), {2}),
+        "host-unresolvable": ([*ck, "--host", "no-such-host.invalid"], snap(), {2}),
+        "host-not-ours": ([*ck, "--host", "192.0.2.7"], snap(), {2}),
+        "host-url": ([*ck, "--host", "http://127.0.0.1"], snap(), {2}),
+        "max-batch-0": ([*ck, "--max-batch", "0"], snap(), {2}),
+        "max-batch-huge": ([*ck, "--max-batch", str(10**12)], snap(), {2}),
+        "max-queue-0": ([*ck, "--max-queue", "0"], snap(), {2}),
+        "shutdown-timeout-nan": ([*ck, "--shutdown-timeout", "nan"], snap(), {2}),
+        "shutdown-timeout-inf": ([*ck, "--shutdown-timeout", "inf"], snap(), {2}),
+        "shutdown-timeout-negative": ([*ck, "--shutdown-timeout", "-1"], snap(), {2}),
+        "api-key-blank": ([*ck, "--api-key", " "], snap(), {2}),
+        "device-cuda-99": ([*ck, "--device", "cuda:99"], snap(), {2}),
+        "dtype-int8": ([*ck, "--dtype", "int8"], snap(), {2}),
+        "quantize-bogus": ([*ck, "--quantize", "int4"], snap(), {2}),
+        "omp-threads-abc": (ck, snap(), {2}),
+    }
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": "hf-home"}
+    made += [
+        Case(
+            "serve",
+            name,
+            argv,
+            setup,
+            codes,
+            timeout=120,
+            signals=[("serving ", 0.5, signal.SIGTERM)],
+            env={"OMP_NUM_THREADS": "abc"} if name == "omp-threads-abc" else offline,
+        )
+        for name, (argv, setup, codes) in refused.items()
+    ]
+    return made
+
+
+def shard_input_cases() -> list[Case]:
+    """train --input: token shards (a directory, a file, a glob), JSON lines and Parquet, well and badly made."""
+    good = shard("shards/train_000000.bin")
+    val = shard("shards/val_000000.bin", 200)
+    manifest = {"format": {"magic": SHARD_MAGIC}, "complete": True}
+
+    def listing(shards: list[Any], complete: bool = True) -> Setup:
+        return text("shards/manifest.json", json.dumps({**manifest, "complete": complete, "shards": shards}))
+
+    entry = {"name": "train_000000.bin", "tokens": 1000, "sha256": "0" * 64}
+    inputs: dict[str, tuple[list[str], Setup | None, set[int]]] = {
+        "dir-ok": (["shards"], both(good, val), {0}),
+        "dir-prepared": (["shards"], prepared(), {0}),
+        "one-bin-file": (["shards/train_000000.bin"], good, {0}),
+        "glob-of-bins": (["shards/*.bin"], both(good, shard("shards/train_000001.bin")), {0}),
+        "bad-magic": (["shards"], shard("shards/train_000000.bin", magic=20240521), {1}),
+        "version-2": (["shards"], shard("shards/train_000000.bin", version=2), {1}),
+        "count-beyond-the-file": (["shards"], shard("shards/train_000000.bin", count=2000), {1}),
+        "count-negative": (["shards"], shard("shards/train_000000.bin", count=-5), {1}),
+        "count-int32-max": (["shards"], shard("shards/train_000000.bin", count=2**31 - 1), {1}),
+        "truncated": (["shards"], shard("shards/train_000000.bin", size=1024 + 999), {1}),
+        "odd-size": (["shards"], shard("shards/train_000000.bin", size=1024 + 2001), {1}),
+        "header-only": (["shards"], shard("shards/train_000000.bin", 0), {1}),
+        "shorter-than-header": (["shards"], shard("shards/train_000000.bin", size=100), {1}),
+        "empty-file": (["shards"], shard("shards/train_000000.bin", size=0), {1}),
+        "not-a-shard-bin": (["x.bin"], text("x.bin", TEXT), {1}),
+        "val-only": (["shards"], val, {1}),
+        "mixed-sizes": (
+            ["shards"],
+            both(shard("shards/train_000000.bin", 10), shard("shards/train_000001.bin", 3000)),
+            {0},
+        ),
+        "all-too-short": (
+            ["shards"],
+            both(shard("shards/train_000000.bin", 30), shard("shards/train_000001.bin", 40)),
+            {1},
+        ),
+        "val-too-short": (["shards"], both(good, shard("shards/val_000000.bin", 10)), {1}),
+        "val-damaged": (["shards"], both(good, shard("shards/val_000000.bin", 200, count=999)), {1}),
+        "token-beyond-vocab": (["shards"], shard("shards/train_000000.bin", token_id=60_000), {1}),
+        "shard-a-directory": (["shards"], both(good, lambda d, b: (d / "shards/train_000001.bin").mkdir()), {0}),
+        "shard-a-fifo": (["shards"], both(good, fifo("shards/train_000001.bin")), {0}),
+        "shard-a-dangling-link": (
+            ["shards"],
+            both(good, lambda d, b: os.symlink("nowhere.bin", d / "shards/train_000001.bin")),
+            {0},
+        ),
+        "manifest-unfinished": (["shards"], both(good, listing([entry], complete=False)), {1}),
+        "manifest-other-size": (["shards"], both(good, listing([{**entry, "tokens": 5}])), {1}),
+        "manifest-not-json": (["shards"], both(good, text("shards/manifest.json", b"\xff{")), {0}),
+        "manifest-shards-not-objects": (["shards"], both(good, listing([1])), {1}),
+        "manifest-entry-without-sha256": (
+            ["shards"],
+            both(good, listing([{"name": entry["name"], "tokens": 1000}])),
+            {1},
+        ),
+        "manifest-tokens-text": (["shards"], both(good, listing([{**entry, "tokens": "1000"}])), {1}),
+        "manifest-name-number": (["shards"], both(good, listing([{**entry, "name": 7}])), {1}),
+        "jsonl-ok": (["d.jsonl"], text("d.jsonl", DOCS), {0}),
+        "jsonl-bad-line": (["d.jsonl"], text("d.jsonl", DOCS + "{nope\n"), {1}),
+        "jsonl-field-missing": (["d.jsonl"], text("d.jsonl", DOCS.replace("text", "body")), {1}),
+        "jsonl-field-number": (["d.jsonl"], text("d.jsonl", DOCS + '{"text": 5}\n'), {1}),
+        "jsonl-latin-1": (["d.jsonl"], text("d.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1")), {1}),
+        "jsonl-deeply-nested": (
+            ["d.jsonl"],
+            text("d.jsonl", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"),
+            {1},
+        ),
+        "jsonl-lone-surrogate": (["d.jsonl"], text("d.jsonl", DOCS + '{"text": "\\ud800"}\n'), {1}),
+        "jsonl-blank": (["d.jsonl"], text("d.jsonl", "\n\n"), {1}),
+        "jsonl-gz-corrupt": (["d.jsonl.gz"], text("d.jsonl.gz", b"\x1f\x8b\x08\x00garbage"), {1}),
+        "parquet-ok": (["d.parquet"], parquet("d.parquet"), {0}),
+        "parquet-no-rows": (["d.parquet"], parquet("d.parquet", string_column="text"), {1}),
+        "parquet-corrupt": (["d.parquet"], text("d.parquet", b"PAR1" + bytes(100)), {1}),
+        "parquet-no-column": (["d.parquet"], parquet("d.parquet", {"body": ["a b c"] * 50}), {1}),
+        "parquet-null-row": (["d.parquet"], parquet("d.parquet", {"text": [TEXT, None]}), {1}),
+    }
+    cases = [
+        Case("shards", name, [*TRAIN, "--input", *argv], setup, codes) for name, (argv, setup, codes) in inputs.items()
+    ]
+    cases += [
+        Case("shards", "val-fraction", [*TRAIN, "--input", "shards", "--val-fraction", "0.1"], good, {2}),
+        Case("shards", "max-tokens-1", [*TRAIN, "--input", "shards", "--max-tokens", "1"], good, {1}),
+        Case("shards", "shuffle-shards", [*TRAIN, "--input", "shards", "--shuffle-shards"], good, {0}),
+        Case("shards", "shuffle-shards-of-text", [*TRAIN, "--shuffle-shards"], text(), {2}),
+        Case(
+            "shards",
+            "jsonl-text-field-other",
+            [*TRAIN, "--input", "d.jsonl", "--text-field", "body"],
+            text("d.jsonl", DOCS.replace("text", "body")),
+            {0},
+        ),
+    ]
+    return cases
+
+
 def all_cases() -> list[Case]:
     return (
         train_flag_cases()
@@ -1102,6 +1802,10 @@ def all_cases() -> list[Case]:
         + eval_cases()
         + plot_cases()
         + export_cases()
+        + prepare_cases()
+        + consolidate_cases()
+        + serve_cases()
+        + shard_input_cases()
     )
 
 
@@ -1131,6 +1835,7 @@ def run_case(case: Case, base: Base, root: Path) -> dict[str, Any]:
     cwd = d / "hf" if case.name == "force-cwd-model-dir" else d
     end = case.setup(d, base) if case.setup else None
     before = snapshot_files(d)
+    existing = {str(p.relative_to(d)) for p in d.rglob("*")}  # files and folders: a temporary folder set up is not left
     command = [sys.executable, str(REPO / "train.py"), *case.argv] if case.script else gpt2_scratch(*case.argv)
 
     def preexec() -> None:  # as a terminal starts it (the sweep itself may run as a background job, SIGINT ignored)
@@ -1184,7 +1889,7 @@ def run_case(case: Case, base: Base, root: Path) -> dict[str, Any]:
     own = [re.compile(_glob_regex(pattern)) for pattern in case.own]
     changed = sorted(p for p, h in before.items() if after.get(p) not in (h,) and not any(r.fullmatch(p) for r in own))
     temporaries = sorted(
-        str(p.relative_to(d)) for p in d.rglob("*") if ".tmp-" in p.name and str(p.relative_to(d)) not in before
+        str(p.relative_to(d)) for p in d.rglob("*") if ".tmp-" in p.name and str(p.relative_to(d)) not in existing
     )
     lines = [line for line in re.split(r"[\r\n]", stderr) if line.strip()]
     code = proc.returncode
@@ -1204,6 +1909,7 @@ def run_case(case: Case, base: Base, root: Path) -> dict[str, Any]:
         "signal_death": code is not None and code < 0,
         "pwned": any(p.name == PWNED for p in d.rglob(PWNED)),
         "multiline_expected": case.multiline,
+        "checked": case.check(d, base) if case.check else [],
     }
     result["problems"] = problems(case, result, lines)
     return result
@@ -1217,6 +1923,7 @@ def run_safely(case: Case, base: Base, root: Path) -> dict[str, Any]:
         return {"group": case.group, "name": case.name, "argv": case.argv, "code": None, "seconds": 0,
                 "traceback": False, "internal": False, "stderr_lines": 0, "stderr": "", "changed": [],
                 "temporaries": [], "hang": False, "signal_death": False, "pwned": False, "multiline_expected": "",
+                "checked": [],
                 "problems": [f"the sweep could not run it: {type(err).__name__}: {err}"]}  # fmt: skip
 
 
@@ -1245,6 +1952,7 @@ def problems(case: Case, r: dict[str, Any], lines: list[str]) -> list[str]:
         found.append(f"temporaries left: {r['temporaries'][:4]}")
     if r["pwned"]:
         found.append("a pickle ran its command")
+    found += r["checked"]
     codes = case.codes if case.codes is not None else {0, *ERROR_CODES}
     if not r["hang"] and r["code"] not in codes:
         found.append(f"exit {r['code']}, expected {sorted(codes)}")

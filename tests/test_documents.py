@@ -131,6 +131,19 @@ def test_a_directory_tree_in_sorted_order(tmp_path: Path) -> None:
     assert texts_of(documents.resolve_sources([str(tree)])) == ["a", "b/a", "z", "c", "d0", "d1"]
 
 
+def test_a_link_back_up_the_tree_is_read_once(tmp_path: Path) -> None:
+    """Once, ``again -> .`` read a.jsonl 41 times (until the kernel's limit of links in a path); a link to another
+    folder is still followed."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "other").mkdir()
+    write_jsonl(tmp_path / "tree" / "a.jsonl", ["a"])
+    write_jsonl(tmp_path / "other" / "b.jsonl", ["b"])
+    (tmp_path / "tree" / "again").symlink_to(".")
+    (tmp_path / "tree" / "b_link").symlink_to(tmp_path / "other")
+    (tmp_path / "other" / "up").symlink_to(tmp_path / "tree")
+    assert texts_of(documents.resolve_sources([str(tmp_path / "tree")])) == ["a", "b"]
+
+
 @skip_without("datasets")
 def test_a_dataset_dict_names_its_splits(tmp_path: Path) -> None:
     import datasets
@@ -164,6 +177,10 @@ BAD_LINES = {
     "not-a-string": (b'{"text": null}\n', r"the field 'text' at .*a\.jsonl line 1 is null, not a string"),
     "not-an-object": (b'["text"]\n', r"line 1 is a JSON list, not an object with a 'text' field"),
     "latin-1": ('{"text": "caf\u00e9"}\n'.encode("latin-1"), r"a\.jsonl line 1 is not UTF-8 text"),
+    "nested-too-deeply": (  # json recurses once per level: a RecursionError, once reported as an internal error
+        b'{"text": "x"}\n{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+        r"a\.jsonl line 2 is JSON nested too deeply to read",
+    ),
 }
 
 

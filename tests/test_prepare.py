@@ -213,6 +213,28 @@ def test_nothing_to_train_on(tmp_path: Path) -> None:
         prepare(config([source], tmp_path / "out2", "--val-tokens", str(total)))
 
 
+def test_a_prepare_that_failed_before_its_first_shard_leaves_the_out_dir_free(tmp_path: Path) -> None:
+    """Its manifest lists no shard: the command run again as corrected (here, --val-tokens lowered, then another
+    input) starts afresh instead of being refused as another prepare's; shards beside such a manifest still are."""
+    source = write_input(tmp_path / "in", "jsonl", DOCS)
+    with pytest.raises(DataError, match=r"no more than --val-tokens 100,000"):
+        prepare(config([source], tmp_path / "out", "--val-tokens", "100000"))
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"] == []
+    assert prepare(config([source], tmp_path / "out", "--val-tokens", "10")).val_tokens == 10
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{nope\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2 is not valid JSON"):
+        prepare(config([tmp_path / "bad.jsonl"], tmp_path / "out2"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert prepare(config([tmp_path / "bad.jsonl"], tmp_path / "out2")).documents == 2
+    (tmp_path / "out3").mkdir()
+    (tmp_path / "out3" / "train_000000.bin").write_bytes(b"someone else's")
+    manifest = json.loads((tmp_path / "out2" / "manifest.json").read_text())
+    (tmp_path / "out3" / "manifest.json").write_text(json.dumps({**manifest, "complete": False, "shards": []}))
+    with pytest.raises(OutDirError, match=r"holds shards \(train_000000\.bin, \.\.\.\) but no manifest\.json that"):
+        prepare(config([source], tmp_path / "out3"))
+    assert (tmp_path / "out3" / "train_000000.bin").read_bytes() == b"someone else's"
+
+
 def test_progress_counts_documents_and_tokens(tmp_path: Path) -> None:
     source = write_input(tmp_path / "in", "jsonl", DOCS)
     calls: list[tuple[int, int, str]] = []

@@ -427,6 +427,22 @@ def test_a_port_in_use_is_a_one_line_error_and_an_open_host_without_a_key_a_warn
 
 
 @pytest.mark.parametrize(
+    "signals", [[signal.SIGHUP], [signal.SIGTERM, signal.SIGINT]], ids=["SIGHUP", "SIGTERM-then-SIGINT"]
+)
+def test_a_stop_signal_soon_after_start_exits_0_without_a_traceback(
+    servers: dict[str, Any], tmp_path: Path, signals: list[signal.Signals]
+) -> None:
+    """Once, SIGHUP (which uvicorn leaves alone) raised the CLI's stop inside the event loop (exit 129), and a second
+    Ctrl-C (uvicorn's forced exit) cancelled the application's lifespan: both printed a traceback."""
+    server = Server(servers["tiny"], tmp_path / "serve.log", "--max-batch", "1").wait_ready()
+    for sig in signals:
+        server.process.send_signal(sig)
+        time.sleep(0.05)
+    assert server.process.wait(60) == 0, server.log.read_text()
+    assert "Traceback" not in server.log.read_text() and "server stopped" in server.log.read_text()
+
+
+@pytest.mark.parametrize(
     ("host", "loopback"), [("127.0.0.1", True), ("127.3.0.1", True), ("localhost", True), ("::1", True),
                            ("0.0.0.0", False), ("::", False), ("192.0.2.7", False)]
 )  # fmt: skip

@@ -32,6 +32,7 @@ from conftest import (
     assert_close_weights,
     assert_one_line_error,
     assert_ran,
+    digest,
     free_port,
     metrics,
     new_state,
@@ -131,6 +132,19 @@ def test_consolidate_writes_one_file_that_loads_and_resumes(snapshot: tuple, tmp
     result = run_cli("consolidate", str(path), str(tmp_path / "cli.pt"))
     assert result.returncode == 0 and "wrote" in result.stdout and "(step 2)" in result.stdout, result.stderr
     assert_same(read_checkpoint(tmp_path / "cli.pt"), read_checkpoint(out))
+
+
+def test_consolidate_never_writes_inside_the_snapshot(snapshot: tuple, tmp_path: Path) -> None:
+    """Not beside its shards (retention would delete the file with them), nor over them with --force, even through
+    a link: once, consolidate replaced the snapshot's .metadata with the checkpoint file."""
+    folder = tmp_path / "snapshot_step_2"
+    shutil.copytree(snapshot[0], folder)
+    (tmp_path / "link").symlink_to(folder)
+    before = {p.name: digest(p) for p in folder.iterdir()}
+    for output in (folder / "out.pt", folder / ".metadata", tmp_path / "link" / "__0_0.distcp"):
+        with pytest.raises(UsageError, match=r"is inside the snapshot .*; write the checkpoint file elsewhere"):
+            consolidate(folder, output, force=True)
+    assert {p.name: digest(p) for p in folder.iterdir()} == before
 
 
 def test_a_sharded_snapshot_is_a_model_source(snapshot: tuple) -> None:

@@ -205,3 +205,17 @@ def test_identity_from_the_manifest_or_a_fingerprint(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"train_000001\.bin is not the shard that .*manifest\.json lists"):
         shards.identity(files)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [1, {"name": "train_000000.bin", "tokens": 10}, {"name": 7, "tokens": 10, "sha256": "0"},
+     {"name": "train_000000.bin", "tokens": "10", "sha256": "0"}],
+)  # fmt: skip
+def test_a_manifest_listing_a_shard_malformed_is_a_data_error(tmp_path: Path, entry: object) -> None:
+    """Once an internal error (a KeyError or TypeError in identity) when train --input read such a directory."""
+    path = numpy_shard(tmp_path / "train_000000.bin", np.arange(10))
+    manifest = {"format": {"magic": 20240520}, "complete": True, "shards": [entry]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest\.json is damaged: it lists a shard as .*move the manifest away"):
+        shards.identity(ShardFiles([path], []))

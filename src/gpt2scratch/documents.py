@@ -57,7 +57,7 @@ def resolve_sources(specs: list[str]) -> list[Source]:
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            found = list(_walk(path))
+            found = list(_walk(path, set()))
             if not found:
                 raise DataError(f"the directory {path} holds no {KNOWN}")
             sources += found
@@ -75,7 +75,12 @@ def resolve_sources(specs: list[str]) -> list[Source]:
     return sources
 
 
-def _walk(folder: Path) -> Iterator[Source]:
+def _walk(folder: Path, seen: set[Path]) -> Iterator[Source]:
+    """The sources under ``folder``, each folder read once (``seen``: those read, resolved), however links lead
+    back to it: a link to a parent once read the files under it 40 times over, until the kernel refused the path."""
+    if folder.resolve() in seen:
+        return
+    seen.add(folder.resolve())
     if (folder / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in folder.iterdir() if p.is_dir())
         raise DataError(
@@ -89,7 +94,7 @@ def _walk(folder: Path) -> Iterator[Source]:
         if entry.name.startswith("."):
             continue  # .cache/ of a Hugging Face download, editors' files
         if entry.is_dir():
-            yield from _walk(entry)
+            yield from _walk(entry, seen)
         elif (kind := kind_of(entry)) is not None and entry.is_file():
             yield Source(entry, kind)
 
@@ -171,6 +176,8 @@ def _field(line: bytes, text_field: str, source: Source, number: int) -> str:
         raise DataError(f"{place} is not UTF-8 text; convert the file to UTF-8") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{place} is not valid JSON ({err.msg.removesuffix(' at')}, at column {err.colno})") from None
+    except RecursionError:  # json's decoder recurses once per level of [ or {
+        raise DataError(f"{place} is JSON nested too deeply to read (arrays or objects inside each other)") from None
     if not isinstance(record, dict):
         raise DataError(f"{place} is a JSON {type(record).__name__}, not an object with a {text_field!r} field")
     if text_field not in record:

@@ -110,21 +110,25 @@ def finished_shards(out: Path, head: dict[str, Any], val_tokens: int) -> tuple[l
     """The shards an earlier run of this prepare finished (those still on disk whole), and whether it finished them
     all. OutDirError if ``out`` holds another prepare's shards, shards without a manifest, or a damaged manifest."""
     path = out / MANIFEST_NAME
-    if not path.exists():
+    damaged = f"{path} is damaged or not prepare's; give another --out"
+    manifest = None
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise OutDirError(f"{damaged} ({err})") from None
+        if not isinstance(manifest, dict):
+            raise OutDirError(damaged)
+    # A prepare that stopped before its first shard (a bad line, --val-tokens beyond the inputs) kept nothing: its
+    # manifest does not tie the out dir to its arguments, so the command run again as corrected starts afresh.
+    if manifest is None or (manifest.get("shards") == [] and manifest.get("format") == head["format"]):
         foreign = sorted(p.name for p in out.glob("*.bin"))
         if foreign:
             raise OutDirError(
-                f"{out} holds shards ({foreign[0]}, ...) but no {MANIFEST_NAME}, so not this prepare's; give another "
-                "--out, or move them away"
+                f"{out} holds shards ({foreign[0]}, ...) but no {MANIFEST_NAME} that lists them, so not this "
+                "prepare's; give another --out, or move them away"
             )
         return [], False
-    damaged = f"{path} is damaged or not prepare's; give another --out"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise OutDirError(f"{damaged} ({err})") from None
-    if not isinstance(manifest, dict):
-        raise OutDirError(damaged)
     differences = _differences(manifest, head)
     if differences:
         raise OutDirError(

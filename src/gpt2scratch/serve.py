@@ -77,8 +77,9 @@ def serve(cfg: ServeConfig) -> None:
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=math.ceil(cfg.shutdown_timeout)
     )
-    with _exit_cleanly_on_signals():
-        uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    with _exit_cleanly_on_signals(server):
+        server.run(sockets=[sock])
     log.info("server stopped")
 
 
@@ -139,11 +140,13 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 @contextlib.contextmanager
-def _exit_cleanly_on_signals() -> Iterator[None]:
+def _exit_cleanly_on_signals(server: Any) -> Iterator[None]:
     """uvicorn catches SIGINT/SIGTERM, drains, and then raises the signal again under the handlers it found; with
-    these (which do nothing) a drained server returns, and the command exits 0 instead of dying by the signal."""
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in signals}
+    these (which only ask ``server`` to stop) a drained server returns, and the command exits 0 instead of dying by
+    the signal. They also stop it as uvicorn would on SIGHUP (a closed terminal), which uvicorn leaves to us, and on
+    a signal that comes before uvicorn has put its own handlers in place; an ignored signal stays ignored."""
+    signals = [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) != signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, lambda signum, frame: setattr(server, "should_exit", True)) for sig in signals}
     try:
         yield
     finally:
@@ -203,7 +206,10 @@ def make_app(engine: Engine, model_name: str, api_key: str | None, max_queue: in
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         batcher.start()
-        yield
+        try:
+            yield
+        except asyncio.CancelledError:  # a forced exit (a second Ctrl-C): the loop ends now, the batcher's thread too
+            return
         await asyncio.to_thread(batcher.close, 60.0)  # uvicorn has drained the requests in flight by now
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

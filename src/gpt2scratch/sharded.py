@@ -231,6 +231,8 @@ def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 def consolidate(snapshot: Path, output: Path, force: bool = False) -> dict[str, Any]:
     """Write the sharded snapshot ``snapshot`` as the single checkpoint file ``output`` (atomically, with checksums);
     return what it holds. UsageError if ``output`` exists (without ``force``) or is a directory."""
+    if snapshot.resolve() in output.resolve().parents:  # (through links too) retention would delete it with them
+        raise UsageError(f"{output} is inside the snapshot {snapshot}; write the checkpoint file elsewhere")
     if output.is_dir() or (output.exists() and not force):
         what = "a directory" if output.is_dir() else "a file already; give --force to replace it"
         raise UsageError(f"{output} is {what}")

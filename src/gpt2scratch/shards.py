@@ -217,6 +217,15 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
             f"{path.parent} is still being prepared ({path.name} says it is unfinished); run that prepare command "
             "again to finish it"
         )
+    for entry in manifest["shards"]:
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("name"), str) and type(entry.get("tokens")) is int
+            and isinstance(entry.get("sha256"), str)
+        ):  # fmt: skip
+            raise DataError(
+                f"{path} is damaged: it lists a shard as {json.dumps(entry)[:80]}, not by its name, tokens and "
+                "sha256; prepare the directory again, or move the manifest away to train on the shards as they are"
+            )
     return manifest
 
 
