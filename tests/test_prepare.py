@@ -258,6 +258,16 @@ def test_flags_out_of_range(tmp_path: Path, flags: list[str], message: str) -> N
         config([tmp_path / "a.jsonl"], tmp_path / "out", *flags)
 
 
+def test_workers_far_beyond_the_cores_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from gpt2scratch.prepare import WORKERS_PER_CORE, available_cores
+
+    source = write_input(tmp_path, "jsonl", DOCS)
+    too_many = WORKERS_PER_CORE * available_cores() + 1
+    with pytest.raises(UsageError, match=rf"--workers {too_many} is more than {WORKERS_PER_CORE} per core"):
+        prepare(config([source], tmp_path / "out", "--workers", str(too_many)))
+    assert not (tmp_path / "out").exists()
+
+
 # ---- kill -9, then the same command ----
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from .checkpoint import replace_atomically, write_failure_reason
 from .commands import PrepareConfig
 from .documents import Piece, Source, pieces, resolve_sources, where
-from .errors import DataError, OutDirError
+from .errors import DataError, OutDirError, UsageError
 from .outdir import OutDirLock
 from .shards import HEADER_BYTES, HEADER_INTS, MAGIC, MANIFEST_NAME, VERSION, ShardWriter, shard_name
 from .tokenizer import NotUnicode, encode_in_order, encode_pieces, encoder_pool, get_encoding
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 BATCH_CHARS = 1 << 18  # characters of documents per batch handed to a worker
 SAMPLE_CHARS = 1 << 22  # characters timed on threads and on processes before choosing between them ("auto")
+WORKERS_PER_CORE = 8  # --workers beyond this many per core is refused: each forks a process or starts a thread
 
 Progress = Callable[[int, int, str], None]  # (bytes of the inputs read, bytes in all, what is written so far)
 
@@ -67,6 +68,12 @@ def prepare(cfg: PrepareConfig, progress: Progress | None = None) -> PrepareResu
     """Write the shards and manifest.json of ``cfg.inputs`` into ``cfg.out``, or finish an interrupted run's.
     DataError for inputs that cannot be read or hold no documents, OutDirError for an out dir that holds other
     shards or cannot be written; the finished shards of an interrupted run are kept."""
+    cores = available_cores()
+    if cfg.workers is not None and cfg.workers > WORKERS_PER_CORE * cores:
+        raise UsageError(
+            f"--workers {cfg.workers} is more than {WORKERS_PER_CORE} per core ({cores} here); tokenizing gains "
+            "nothing past one per core, and each worker holds batches of text in memory"
+        )
     sources = resolve_sources(cfg.inputs)
     out = Path(cfg.out)
     try:
