@@ -174,3 +174,22 @@ def test_eval_command_prints_and_writes_results(models: tuple, tmp_path: Path) -
     assert_one_line_error(missing.returncode, missing.stderr, 1, "nope.jsonl does not exist")
     nothing = run_cli("eval", "--pretrained", "model", cwd=tmp_path)
     assert_one_line_error(nothing.returncode, nothing.stderr, 2, "nothing to evaluate")
+
+
+def test_json_nested_past_the_recursion_limit_is_one_line_everywhere(tmp_path: Path) -> None:
+    """A line of 100,000 [ is a RecursionError inside json: each reader of a user's JSON says so in one line."""
+    from gpt2scratch import convert, evaluate, plot
+    from gpt2scratch.errors import CheckpointError, DataError
+
+    deep = "[" * 100_000
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(deep + "\n")
+    with pytest.raises(DataError, match="nested too deeply"):
+        evaluate.read_choices(questions)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(deep)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        convert.model_from_hf_dir(tmp_path / "hf")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(deep + "\n" + '{"step": 1, "loss": 2.0}\n')
+    assert [r["step"] for r in plot.read_run(str(metrics)).records] == [1]

@@ -125,6 +125,8 @@ def model_from_hf_dir(directory: Path) -> GPT:
         settings = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{config_path} is JSON nested too deeply to read") from None
     if not isinstance(settings, dict):
         kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
         kind = kinds.get(type(settings), "a number")

@@ -169,7 +169,7 @@ def _cache_matches(token_path: Path, sha256: str) -> bool:
     try:
         record = json.loads(token_path.with_suffix(".json").read_text())
         return record["sha256"] == sha256 and token_path.stat().st_size == 2 * record["tokens"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return False
 
 

@@ -192,6 +192,8 @@ def _parse_choice(line: str, where: str) -> Choice:
         item = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    except RecursionError:  # json's decoder recurses once per level of [ or {
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected a JSON object")
     context = item.get("ctx", item.get("context"))

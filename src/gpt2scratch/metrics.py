@@ -59,7 +59,7 @@ class MetricsLog:
 def _step_of(line: str) -> float:
     try:
         return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return float("inf")  # a torn or foreign line: drop it
 
 

@@ -44,7 +44,7 @@ def read_run(run: str | Path) -> Run:
     for line in metrics.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a torn line, or one nested past json's recursion limit
             continue
         if isinstance(record, dict) and _is_number(record.get("step")):
             records.append(record)

@@ -124,6 +124,8 @@ def finished_shards(out: Path, head: dict[str, Any], val_tokens: int) -> tuple[l
             manifest = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise OutDirError(f"{damaged} ({err})") from None
+        except RecursionError:
+            raise OutDirError(damaged) from None
         if not isinstance(manifest, dict):
             raise OutDirError(damaged)
     # A prepare that stopped before its first shard (a bad line, --val-tokens beyond the inputs) kept nothing: its

@@ -208,7 +208,7 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text())
         ours = manifest["format"]["magic"] == MAGIC and isinstance(manifest["shards"], list)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     if not ours:
         return None
