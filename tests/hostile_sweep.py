@@ -273,6 +273,13 @@ def evil(name: str, kind: str) -> Setup:
     return make
 
 
+def holding(code: str) -> Callable[[], None]:
+    """Run ``code`` in another process until it prints "held"; returns what ends that process."""
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return lambda: (holder.kill(), holder.wait())
+
+
 def lock_holder(out: str) -> Setup:
     """Another process holding the out dir's lock, as a running training does."""
 
@@ -283,9 +290,7 @@ def lock_holder(out: str) -> Setup:
             f"fd = os.open({str(d / out / '.gpt2scratch.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); time.sleep(900)\n"
         )
-        holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        return lambda: (holder.kill(), holder.wait())
+        return holding(code)
 
     return make
 
@@ -1562,9 +1567,7 @@ def port_holder(port: int) -> Setup:
             f"s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()\n"
             "print('held', flush=True); time.sleep(900)\n"
         )
-        holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        return lambda: (holder.kill(), holder.wait())
+        return holding(code)
 
     return make
 
