@@ -37,7 +37,7 @@ def _tokens(n: int) -> Any:
     """The first n tokens of the built-in Shakespeare corpus (int64 tensor)."""
     import torch
 
-    from gpt2scratch.corpus import shakespeare_text
+    from gpt2scratch.data.builtin import shakespeare_text
     from gpt2scratch.tokenizer import encode_batch
 
     text = shakespeare_text()[: n * 6]
@@ -69,7 +69,7 @@ def child_matmul(dtype_name: str) -> dict[str, Any]:
 def child_train_ours(b: int, t: int, warmup: int, steps: int, snapshot_interval: int) -> dict[str, Any]:
     """Our real training loop with auto settings (what `gpt2-scratch train` does), timed from metrics.jsonl."""
     from gpt2scratch.config import TrainConfig
-    from gpt2scratch.train import train
+    from gpt2scratch.training.loop import train
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as out:
         cfg = TrainConfig(
@@ -128,7 +128,7 @@ def child_generate(impl: str, new: int, dtype_name: str) -> dict[str, Any]:
 
     from gpt2scratch import GPT, GPTConfig
     from gpt2scratch.device import configure_matmul
-    from gpt2scratch.generate import for_inference
+    from gpt2scratch.inference.load import for_inference
     from gpt2scratch.tokenizer import encode
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -179,7 +179,7 @@ def child_generate(impl: str, new: int, dtype_name: str) -> dict[str, Any]:
 
 def child_tokenize(path: str, ours: bool) -> dict[str, Any]:
     """MB/s, peak RSS and cores used of our tokenizer pipeline (file -> uint16 file), or of one tiktoken thread."""
-    from gpt2scratch.data import tokenize_files
+    from gpt2scratch.data.corpus import tokenize_files
     from gpt2scratch.tokenizer import get_encoding
 
     source = Path(path)
@@ -315,7 +315,7 @@ def main() -> None:
             print(f"\nThe first snapshot (allocating its buffer) delayed training by {stall:.1f} s.\n")
 
     if "tokenize" in sections:
-        from gpt2scratch.corpus import shakespeare_text
+        from gpt2scratch.data.builtin import shakespeare_text
 
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
             source = Path(tmp) / "big.txt"

@@ -45,7 +45,7 @@ def prompt_ids(length: int) -> list[int]:
 
     if length == 8:
         return encode(PROMPT)[:8]
-    from gpt2scratch.corpus import shakespeare_text
+    from gpt2scratch.data.builtin import shakespeare_text
 
     return encode(shakespeare_text()[: length * 8])[:length]
 
@@ -54,9 +54,9 @@ def child_ours(precision: str, batch: int, prompt_len: int, new: int, threads: i
     import torch
 
     from gpt2scratch import GPT, GPTConfig
-    from gpt2scratch.decode import generate
     from gpt2scratch.device import configure_matmul
-    from gpt2scratch.generate import for_inference
+    from gpt2scratch.inference.engine import generate
+    from gpt2scratch.inference.load import for_inference
 
     torch.set_num_threads(threads)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
@@ -170,7 +170,7 @@ def make_ggufs(work: Path, converter: Path | None) -> dict[str, Path]:
     import torch
 
     from gpt2scratch import GPT, GPTConfig
-    from gpt2scratch.convert import export
+    from gpt2scratch.checkpoint.hf import export
 
     hf = work / "hf"
     if not (hf / "config.json").exists():

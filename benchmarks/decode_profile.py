@@ -19,11 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.decode import Engine
 from gpt2scratch.device import configure_matmul
-from gpt2scratch.generate import for_inference
+from gpt2scratch.inference.engine import Engine
+from gpt2scratch.inference.load import for_inference
+from gpt2scratch.inference.sampling import sample
 from gpt2scratch.model import GPT
-from gpt2scratch.sampling import sample
 
 DTYPES = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"), "int8": (torch.bfloat16, "int8")}
 

@@ -35,12 +35,12 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: set up as training does, step, print one JSON line starting with RESULT."""
     import torch
 
-    from gpt2scratch import parallel
     from gpt2scratch.config import TrainConfig
     from gpt2scratch.device import autocast, pick_dtype
-    from gpt2scratch.distributed import from_env, init, shutdown
+    from gpt2scratch.distributed import parallelize as parallel
+    from gpt2scratch.distributed.world import from_env, init, shutdown
     from gpt2scratch.model import GPT
-    from gpt2scratch.optim import make_optimizer
+    from gpt2scratch.training.optim import make_optimizer
 
     world = from_env()
     device = init(world, torch.device(args.device))
@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
                       activation_checkpointing=recompute, device=args.device, dtype=args.dtype)  # fmt: skip
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(0)
-    model = parallel.prepare(GPT(cfg.model_config()).to(device), cfg, world, device, dtype)
+    model = parallel.parallelize(GPT(cfg.model_config()).to(device), cfg, world, device, dtype)
     optimizer = make_optimizer(model)
     wrapped = parallel.wrap(model, world, device)
     generator = torch.Generator().manual_seed(world.rank)

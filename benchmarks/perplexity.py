@@ -32,11 +32,12 @@ def main() -> None:
 
     from transformers import GPT2LMHeadModel
 
-    from gpt2scratch import GPT, GPTConfig, evaluate
-    from gpt2scratch.convert import export
-    from gpt2scratch.corpus import shakespeare_text
+    from gpt2scratch import GPT, GPTConfig
+    from gpt2scratch.checkpoint.hf import export
+    from gpt2scratch.data.builtin import shakespeare_text
     from gpt2scratch.device import configure_matmul
-    from gpt2scratch.generate import for_inference
+    from gpt2scratch.eval import scoring as evaluate
+    from gpt2scratch.inference.load import for_inference
     from gpt2scratch.tokenizer import encode
 
     configure_matmul(torch.device("cpu"))

@@ -35,7 +35,7 @@ sys.exit(code)
 
 def documents(size: int) -> list[str]:
     """The plays cut at line ends into documents of ~4 KB, as many copies as make ``size`` bytes of text."""
-    from gpt2scratch.corpus import shakespeare_text
+    from gpt2scratch.data.builtin import shakespeare_text
 
     text, pieces, start = shakespeare_text(), [], 0
     while start < len(text):

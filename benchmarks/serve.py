@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.config import preset
-from gpt2scratch.convert import export
 from gpt2scratch.model import GPT
 
 REPO = Path(__file__).resolve().parent.parent

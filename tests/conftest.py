@@ -25,7 +25,7 @@ import torch
 from gpt2scratch.config import GPTConfig, TrainConfig
 
 if typing.TYPE_CHECKING:
-    from gpt2scratch.trainstate import TrainState
+    from gpt2scratch.training.state import TrainState
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,8 @@ def skip_without(module: str) -> pytest.MarkDecorator:
 
 def tiny_config(*flags: str) -> TrainConfig:
     """The TrainConfig that ``gpt2-scratch train`` builds from the tiny flags and then ``flags`` (later flags win)."""
-    from gpt2scratch.cli import build_parser, from_args
+    from gpt2scratch.cli.dispatch import build_parser
+    from gpt2scratch.cli.flags import from_args
 
     return from_args(TrainConfig, build_parser().parse_args(["train", *TINY_TRAIN_FLAGS, *flags]))
 
@@ -96,7 +97,7 @@ def trained_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     test modules: copy it, never change it. Its out dir is ``trained_snapshot.parent.parent``."""
     import torch
 
-    from gpt2scratch.train import train
+    from gpt2scratch.training.loop import train
 
     folder = tmp_path_factory.mktemp("trained")
     (folder / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
@@ -200,9 +201,9 @@ def assert_close_losses(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> Non
 
 def assert_close_weights(a: Path, b: Path) -> None:
     """Two checkpoints (files or sharded snapshots) hold the same weights to 1e-5."""
-    from gpt2scratch.sharded import load_checkpoint
+    from gpt2scratch.checkpoint.load import read_state
 
-    wa, wb = load_checkpoint(a)["model_state_dict"], load_checkpoint(b)["model_state_dict"]
+    wa, wb = read_state(a)["model_state_dict"], read_state(b)["model_state_dict"]
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5, msg=name)
@@ -246,12 +247,12 @@ def new_state(seed: int, sharded: bool = False) -> TrainState:
     over the ``process_group`` fixture's one rank."""
     import numpy as np
 
-    from gpt2scratch.data import Corpus, TokenLoader
-    from gpt2scratch.distributed import World
+    from gpt2scratch.data.corpus import Corpus, TokenLoader
+    from gpt2scratch.distributed.parallelize import shard
+    from gpt2scratch.distributed.world import World
     from gpt2scratch.model import GPT
-    from gpt2scratch.optim import make_optimizer
-    from gpt2scratch.parallel import shard
-    from gpt2scratch.trainstate import TrainState
+    from gpt2scratch.training.optim import make_optimizer
+    from gpt2scratch.training.state import TrainState
 
     torch.manual_seed(seed)
     model = GPT(TINY)

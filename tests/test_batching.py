@@ -7,10 +7,10 @@ import threading
 import pytest
 import torch
 
-from gpt2scratch.batching import Batcher, Closed, QueueFull, Sampling, Sequence, Update
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.decode import Engine
+from gpt2scratch.inference.engine import Engine
 from gpt2scratch.model import GPT
+from gpt2scratch.serve.batching import Batcher, Closed, QueueFull, Sampling, Sequence, Update
 from gpt2scratch.tokenizer import EOT_TOKEN, decode, encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,23 +20,23 @@ import torch
 from conftest import SAMPLE_TEXT, TINY, RunsCommand, digest, file_size_limit, temporaries
 
 from gpt2scratch import device
-from gpt2scratch.checkpoint import (
+from gpt2scratch.checkpoint.format import (
     FORMAT_VERSION,
-    SnapshotWriter,
+    CheckpointWriter,
     all_finite,
-    model_from_checkpoint,
     read_checkpoint,
-    replace_atomically,
 )
-from gpt2scratch.convert import config_to_hf, model_from_hf_dir
+from gpt2scratch.checkpoint.hf import config_to_hf
+from gpt2scratch.checkpoint.load import model_from_checkpoint
 from gpt2scratch.errors import CheckpointError, OutDirError, UsageError
+from gpt2scratch.files import replace_atomically
 from gpt2scratch.model import GPT
-from gpt2scratch.outdir import list_snapshots, prune, snapshot_path
+from gpt2scratch.training.rundir import list_snapshots, prune, snapshot_path
 
 
 def save(state: dict, path: Path) -> None:
     """An atomic save in the foreground, as training writes its final model."""
-    writer = SnapshotWriter()
+    writer = CheckpointWriter()
     try:
         writer.submit(state, path, background=False, checksums=True)
     finally:
@@ -203,7 +203,7 @@ def test_malicious_transformers_dir_is_refused_without_running(tmp_path: Path) -
     (model_dir / "config.json").write_text(json.dumps(config_to_hf(TINY)))
     torch.save({"transformer.wte.weight": RunsCommand(f"touch {pwned}")}, model_dir / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="refused") as failure:
-        model_from_hf_dir(model_dir)
+        GPT.from_pretrained(model_dir)
     assert "\n" not in str(failure.value)
     assert not pwned.exists(), "loading the transformers directory ran its command"
 
@@ -220,7 +220,7 @@ def test_tied_embedding_is_stored_once(snapshot: Path) -> None:
 
 
 def test_snapshot_writer_writes_a_copy_in_the_background(tmp_path: Path) -> None:
-    writer = SnapshotWriter(after_write=lambda: prune(tmp_path, keep=1))
+    writer = CheckpointWriter(after_write=lambda: prune(tmp_path, keep=1))
     state = our_state(8_000_000, fill=1.0)
     first = snapshot_path(tmp_path, 1)
     writer.submit(state, first)
@@ -236,7 +236,7 @@ def test_snapshot_writer_writes_a_copy_in_the_background(tmp_path: Path) -> None
 
 
 def test_snapshot_writer_reports_a_failed_write(tmp_path: Path) -> None:
-    writer = SnapshotWriter()
+    writer = CheckpointWriter()
     big = our_state(2_000_000)  # 8 MB
     with file_size_limit(1 << 20):
         writer.submit(big, snapshot_path(tmp_path, 1))  # returns: the write fails in the background
@@ -258,7 +258,7 @@ def test_snapshot_writer_falls_back_where_o_direct_is_refused() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:  # tmpfs: no O_DIRECT
-        writer = SnapshotWriter()
+        writer = CheckpointWriter()
         writer.submit(our_state(300_000, fill=2.0), snapshot_path(Path(folder), 1))
         writer.close()
         loaded = read_checkpoint(snapshot_path(Path(folder), 1))
@@ -311,13 +311,13 @@ def test_a_config_that_its_weights_contradict_is_refused_before_the_model_is_bui
     model = GPT(TINY)
     checkpoint = checkpoint_of({**TINY.to_dict(), **change}, model)
     with pytest.raises(CheckpointError, match=message):
-        model_from_checkpoint(checkpoint, "ck.pt")
+        model_from_checkpoint(GPT, checkpoint, "ck.pt")
 
 
 @pytest.mark.parametrize("config", [{"n_layer": "2"}, {1: 2}, {"colour": "red"}], ids=["text", "int-key", "unknown"])
 def test_a_damaged_config_is_a_checkpoint_error(config: dict) -> None:
     with pytest.raises(CheckpointError, match=r"^ck\.pt is damaged: its "):
-        model_from_checkpoint(checkpoint_of({**TINY.to_dict(), **config}, GPT(TINY)), "ck.pt")
+        model_from_checkpoint(GPT, checkpoint_of({**TINY.to_dict(), **config}, GPT(TINY)), "ck.pt")
 
 
 def test_a_model_larger_than_the_free_memory_is_refused_before_it_is_built(
@@ -328,13 +328,13 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_it_is_built(
     meminfo.write_text("MemTotal: 2000000 kB\nMemAvailable: 10000 kB\n")  # 10 MB; the tiny model's weights are 6.5
     monkeypatch.setattr(device, "MEMINFO", meminfo)
     checkpoint = checkpoint_of(TINY.to_dict(), GPT(TINY))
-    assert model_from_checkpoint(checkpoint, "ck.pt").config == TINY
+    assert model_from_checkpoint(GPT, checkpoint, "ck.pt").config == TINY
     meminfo.write_text("MemTotal: 2000000 kB\nMemAvailable: 5000 kB\n")
     message = (
         r"of 1\.6M parameters needs at least 0\.01 GB to load \(fp32 weights\), more than the 0\.01 GB free; ck\.pt"
     )
     with pytest.raises(UsageError, match=message):
-        model_from_checkpoint(checkpoint, "ck.pt")
+        model_from_checkpoint(GPT, checkpoint, "ck.pt")
 
 
 def test_a_write_that_fails_in_any_way_leaves_no_temporary(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, RunsCommand, digest, run_cli
 
+from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.convert import export
 from gpt2scratch.model import GPT
 
 ENTRY_POINT = Path(sys.executable).with_name("gpt2-scratch")
@@ -262,8 +262,8 @@ def _shard(path: Path, magic: int = 20240520, count: int = 200, tokens: int = 20
 
 
 def _prepared(path: Path) -> None:
-    from gpt2scratch.commands import PrepareConfig
-    from gpt2scratch.prepare import prepare
+    from gpt2scratch.config.commands import PrepareConfig
+    from gpt2scratch.data.prepare import prepare
 
     (path.parent / "one.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
     prepare(PrepareConfig(inputs=[str(path.parent / "one.txt")], out=str(path), shard_tokens=100))

@@ -7,9 +7,18 @@ import dataclasses
 import pytest
 import torch
 
-from gpt2scratch.cli import build_parser, from_args
-from gpt2scratch.commands import EvalConfig, ExportConfig, GenerateConfig, ModelSource, PlotConfig, SamplingConfig
-from gpt2scratch.config import PRESETS, GPTConfig, TrainConfig, flag, preset
+from gpt2scratch.cli.dispatch import build_parser
+from gpt2scratch.cli.flags import from_args
+from gpt2scratch.config import PRESETS, GPTConfig, TrainConfig, preset
+from gpt2scratch.config.commands import (
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    ModelSource,
+    PlotConfig,
+    SamplingConfig,
+)
+from gpt2scratch.config.fields import flag
 from gpt2scratch.errors import ConfigError, UsageError
 from gpt2scratch.model import GPT
 
@@ -184,9 +193,9 @@ def test_parameter_count_from_the_config_is_the_model_s(config: GPTConfig) -> No
 
 
 def test_flag_spelling() -> None:
-    assert flag("batch_size") == "-B/--batch-size"
-    assert flag("seq_len") == "-T/--seq-len"
-    assert flag("warmup_steps") == "--warmup-steps"
+    assert flag("batch_size", TrainConfig) == "-B/--batch-size"
+    assert flag("seq_len", TrainConfig) == "-T/--seq-len"
+    assert flag("warmup_steps", TrainConfig) == "--warmup-steps"
 
 
 # ---- flags made from the dataclasses ----

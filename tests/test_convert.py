@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import TINY, assert_one_line_error, digest, file_size_limit, run_cli, skip_without, temporaries
 
-from gpt2scratch.checkpoint import FORMAT_VERSION
+from gpt2scratch.checkpoint.format import FORMAT_VERSION
+from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.convert import export
 from gpt2scratch.errors import CheckpointError, ConfigError, GPT2ScratchError, OutDirError, Stopped
 from gpt2scratch.model import GPT
 from gpt2scratch.signals import stopping_at_once
@@ -241,7 +241,7 @@ SMALL = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=100)
 
 def test_export_of_another_vocabulary_claims_no_tokenizer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """GPT-2's tokenizer files beside "vocab_size": 1000 would tokenize into ids the model does not have."""
-    with caplog.at_level(logging.WARNING, logger="gpt2scratch.convert"):
+    with caplog.at_level(logging.WARNING, logger="gpt2scratch.checkpoint.hf"):
         export(random_model(OTHER_VOCABULARY), tmp_path / "hf")
     out = tmp_path / "hf"
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "generation_config.json"}
@@ -452,7 +452,7 @@ def test_untied_head_is_not_loaded_into_a_tied_model(tmp_path: Path) -> None:
 def test_supported_spellings_are_accepted(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from gpt2scratch.convert import state_dict_to_hf
+    from gpt2scratch.checkpoint.hf import state_dict_to_hf
 
     # gelu_pytorch_tanh is the same function as gelu_new; n_inner = 4 * n_embd is the default written out.
     config = tiny_hf_config(activation_function="gelu_pytorch_tanh", n_inner=32)

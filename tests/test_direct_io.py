@@ -8,8 +8,8 @@ from typing import IO, cast
 import pytest
 import torch
 
-from gpt2scratch.checkpoint import FORMAT_VERSION, read_checkpoint
-from gpt2scratch.direct_io import AlignedBuffer
+from gpt2scratch.checkpoint.direct_io import AlignedBuffer
+from gpt2scratch.checkpoint.format import FORMAT_VERSION, read_checkpoint
 
 
 @pytest.mark.parametrize("capacity", [1, 1 << 26])  # a buffer far too small grows; a large one is reused

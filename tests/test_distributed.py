@@ -148,8 +148,8 @@ def test_a_rank_waiting_for_a_master_that_never_answers_stops_on_sigterm(tmp_pat
 def shard_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of 200 tokens (3 windows of 64 + 1 each, then a tail skipped): one process with -B 4 and two ranks
     with -B 2, 8 steps each, across two shard boundaries."""
-    from gpt2scratch.commands import PrepareConfig
-    from gpt2scratch.prepare import prepare
+    from gpt2scratch.config.commands import PrepareConfig
+    from gpt2scratch.data.prepare import prepare
 
     cwd = tmp_path_factory.mktemp("shards")
     (cwd / "docs.jsonl").write_text((json.dumps({"text": SAMPLE_TEXT}) + "\n") * 6, encoding="utf-8")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import SAMPLE_TEXT, skip_without
 
-from gpt2scratch import documents
-from gpt2scratch.documents import ARROW, JSONL, PARQUET, TEXT, Source
+from gpt2scratch.data import documents
+from gpt2scratch.data.documents import ARROW, JSONL, PARQUET, TEXT, Source
 from gpt2scratch.errors import DataError
 
 DOCS = ["First document.\n", "", "naïve café — «quoted» 日本語 🙂", SAMPLE_TEXT, "<|endoftext|> is plain text here"]

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from conftest import SAMPLE_TEXT, TINY, assert_one_line_error, run_cli, tiny_config
 
-from gpt2scratch import evaluate
-from gpt2scratch.convert import export
+from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.errors import DataError, UsageError
+from gpt2scratch.eval import scoring as evaluate
 from gpt2scratch.model import GPT
 from gpt2scratch.tokenizer import encode
 
@@ -115,13 +115,12 @@ def test_a_context_longer_than_the_block_keeps_its_tail(models: tuple, caplog: p
 
 
 def test_a_trained_model_prefers_its_own_text(tmp_path: Path) -> None:
-    from gpt2scratch.train import train
-    from gpt2scratch.weights import load_model
+    from gpt2scratch.training.loop import train
 
     (tmp_path / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
     flags = ["--input", str(tmp_path / "input.txt"), "--out-dir", str(tmp_path / "out"), "--max-steps", "60"]
     result = train(tiny_config(*flags, "--target-loss", "0", "--snapshot-interval", "0"))
-    model = load_model(result.model_path).eval()
+    model = GPT.from_pretrained(result.model_path).eval()
     words = SAMPLE_TEXT.split()
     random.Random(0).shuffle(words)
     scores = {}
@@ -178,8 +177,9 @@ def test_eval_command_prints_and_writes_results(models: tuple, tmp_path: Path) -
 
 def test_json_nested_past_the_recursion_limit_is_one_line_everywhere(tmp_path: Path) -> None:
     """A line of 100,000 [ is a RecursionError inside json: each reader of a user's JSON says so in one line."""
-    from gpt2scratch import convert, evaluate, plot
     from gpt2scratch.errors import CheckpointError, DataError
+    from gpt2scratch.eval import scoring as evaluate
+    from gpt2scratch.training import plot
 
     deep = "[" * 100_000
     questions = tmp_path / "q.jsonl"
@@ -189,7 +189,7 @@ def test_json_nested_past_the_recursion_limit_is_one_line_everywhere(tmp_path: P
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(deep)
     with pytest.raises(CheckpointError, match="nested too deeply"):
-        convert.model_from_hf_dir(tmp_path / "hf")
+        GPT.from_pretrained(tmp_path / "hf")
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(deep + "\n" + '{"step": 1, "loss": 2.0}\n')
     assert [r["step"] for r in plot.read_run(str(metrics)).records] == [1]

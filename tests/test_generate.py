@@ -16,15 +16,15 @@ from conftest import ONE_THREAD, assert_one_line_error, run_cli
 
 from gpt2scratch import cli
 from gpt2scratch import device as device_module
-from gpt2scratch.commands import SamplingConfig
+from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.convert import export
-from gpt2scratch.decode import stream
+from gpt2scratch.config.commands import SamplingConfig
 from gpt2scratch.errors import CheckpointError, UsageError
-from gpt2scratch.generate import for_inference, generate_text, prompt_ids, stream_text
+from gpt2scratch.inference.engine import stream
+from gpt2scratch.inference.load import for_inference
+from gpt2scratch.inference.text import generate_text, prompt_ids, stream_text
 from gpt2scratch.model import GPT
 from gpt2scratch.tokenizer import decode, encode
-from gpt2scratch.weights import load_model
 
 PROMPT = "Hello, I'm a language model,"  # the CLI's default prompt: 8 tokens
 BLOCK = 64
@@ -49,7 +49,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(hf_dir: Path) -> GPT:
-    return load_model(hf_dir).eval()
+    return GPT.from_pretrained(hf_dir).eval()
 
 
 def samples(stdout: str) -> list[str]:
@@ -308,7 +308,7 @@ def other_vocabulary_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_library_refuses_a_model_of_another_vocabulary(other_vocabulary_dir: Path) -> None:
-    model = load_model(other_vocabulary_dir)
+    model = GPT.from_pretrained(other_vocabulary_dir)
     with pytest.raises(CheckpointError, match="1,000 tokens"):
         generate_text(model, PROMPT, SamplingConfig())
     with pytest.raises(CheckpointError, match="1,000 tokens"):

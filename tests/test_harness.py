@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import TINY, skip_without
 
-from gpt2scratch.checkpoint import FORMAT_VERSION
-from gpt2scratch.convert import export
+from gpt2scratch.checkpoint.format import FORMAT_VERSION
+from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.errors import UsageError
 from gpt2scratch.model import GPT
 from gpt2scratch.tokenizer import EOT_TOKEN
@@ -47,7 +47,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def ours_for(pretrained: Path, batch_size: Any = 3) -> Any:
-    from gpt2scratch.harness import GPT2ScratchLM
+    from gpt2scratch.eval.harness import GPT2ScratchLM
 
     return GPT2ScratchLM(pretrained=str(pretrained), dtype="float32", device="cpu", batch_size=batch_size)
 
@@ -136,7 +136,7 @@ def test_batch_size_must_be_a_whole_number(weights: dict[str, Path]) -> None:
 
 
 def test_entry_point_names_the_backend() -> None:
-    from gpt2scratch.harness import GPT2ScratchLM
+    from gpt2scratch.eval.harness import GPT2ScratchLM
 
     found = entry_points(group="lm_eval.models").select(name="gpt2scratch")
     assert found, "no lm_eval.models entry point: reinstall the package (pip install -e .)"
@@ -162,9 +162,9 @@ def write_tasks(folder: Path) -> None:
 def test_lm_eval_command_line_runs_tasks_with_the_backend(
     weights: dict[str, Path], hf: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``python -m gpt2scratch.harness`` as a user runs it (in this process), batch_size in model_args beside
+    """``python -m gpt2scratch.eval.harness`` as a user runs it (in this process), batch_size in model_args beside
     lm-eval's own default one; every logged response is what the hf backend answers to the same request."""
-    from gpt2scratch.harness import main
+    from gpt2scratch.eval.harness import main
 
     write_tasks(tmp_path)
     model_args = f"pretrained={weights['hf']},dtype=float32,device=cpu,batch_size=2"

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2scratch import GPT, GPTConfig, loss
-from gpt2scratch.loss import head_loss
+from gpt2scratch import GPT, GPTConfig
+from gpt2scratch.ops import head_loss as loss
+from gpt2scratch.ops.head_loss import head_loss
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,7 +10,7 @@ from conftest import metrics, skip_without, tiny_config
 
 from gpt2scratch.config import TrainConfig
 from gpt2scratch.errors import UsageError
-from gpt2scratch.metrics import MetricsLog
+from gpt2scratch.training.metrics import MetricsLog
 
 # Values a float32 holds exactly: TensorBoard stores scalars as float32.
 RECORDS = [
@@ -93,7 +93,7 @@ def test_tensorboard_without_the_package_is_a_one_line_usage_error(monkeypatch: 
 
 @skip_without("tensorboard")
 def test_a_run_with_tensorboard_writes_its_metrics_as_events(tmp_path: Path, text_file: Path, one_thread: None) -> None:
-    from gpt2scratch.train import train
+    from gpt2scratch.training.loop import train
 
     out = tmp_path / "out"
     flags = ["--input", str(text_file), "--out-dir", str(out), "--max-steps", "3", "--target-loss", "0"]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import REPO, TINY
 
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.decode import SlotCache, stream
+from gpt2scratch.inference.engine import SlotCache, stream
 from gpt2scratch.model import GPT
 
 # Small shapes with a small vocabulary (logits far apart, tests in milliseconds); the last one without biases.
@@ -310,8 +310,8 @@ def test_importing_the_model_does_not_import_transformers() -> None:
         import sys
         import gpt2scratch
         import gpt2scratch.model
-        import gpt2scratch.convert
-        import gpt2scratch.generate
+        import gpt2scratch.checkpoint.hf
+        import gpt2scratch.inference.text
         import gpt2scratch.tokenizer
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "huggingface_hub"))
         print("HEAVY:", heavy)

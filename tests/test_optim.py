@@ -12,7 +12,7 @@ import torch
 
 from gpt2scratch import GPT, GPTConfig
 from gpt2scratch.config import TrainConfig
-from gpt2scratch.optim import lr_at, make_optimizer
+from gpt2scratch.training.optim import lr_at, make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from gpt2scratch.errors import CheckpointError, OutDirError
-from gpt2scratch.outdir import (
+from gpt2scratch.files import OutDirLock
+from gpt2scratch.training.rundir import (
     FINAL_NAME,
-    OutDirLock,
     check_writable,
     latest_snapshot,
     list_snapshots,
@@ -216,7 +216,7 @@ def test_second_lock_on_a_dir_fails_while_the_first_is_held(tmp_path: Path) -> N
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from gpt2scratch.outdir import OutDirLock
+from gpt2scratch.files import OutDirLock
 OutDirLock(Path(sys.argv[1])).acquire()
 print("locked", flush=True)
 time.sleep(300)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gpt2scratch import GPT, GPTConfig
-from gpt2scratch.generate import for_inference
-from gpt2scratch.packing import PackedLinear, pack_linears
+from gpt2scratch.inference.load import for_inference
+from gpt2scratch.ops.prepack import PackedLinear, pack_linears
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=300)
 

@@ -32,11 +32,11 @@ from conftest import (
     torchrun_command,
 )
 
-from gpt2scratch import parallel
-from gpt2scratch.distributed import World
+from gpt2scratch.checkpoint.load import read_state
+from gpt2scratch.distributed import parallelize as parallel
+from gpt2scratch.distributed.world import World
 from gpt2scratch.errors import UsageError
 from gpt2scratch.model import GPT
-from gpt2scratch.sharded import load_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -161,8 +161,8 @@ def test_activation_checkpointing_keeps_fewer_activations_for_the_same_gradients
 def test_fsdp_refuses_float16_and_one_process_ignores_it() -> None:
     cfg = tiny_config("--parallel", "fsdp")
     with pytest.raises(UsageError, match="--parallel fsdp does not train in float16"):
-        parallel.prepare(GPT(TINY), cfg, World(0, 0, 2), CPU, torch.float16)
-    model = parallel.prepare(GPT(TINY), cfg, World(), CPU, torch.float32)
+        parallel.parallelize(GPT(TINY), cfg, World(0, 0, 2), CPU, torch.float16)
+    model = parallel.parallelize(GPT(TINY), cfg, World(), CPU, torch.float32)
     assert not parallel.is_sharded(model)
 
 
@@ -176,7 +176,7 @@ def test_two_fsdp_ranks_compute_what_one_process_computes(fsdp_runs: Path) -> No
     assert_close_losses(metrics(fsdp), metrics(one))  # 10 steps, one line each: rank 0 alone writes metrics
     assert_close_weights(fsdp / "snapshots" / "snapshot_step_10", one / "snapshots" / "snapshot_step_10.pt")
     assert sorted(p.name for p in (fsdp / "snapshots").iterdir()) == ["snapshot_step_10", "snapshot_step_5"]
-    snapshot = load_checkpoint(fsdp / "snapshots" / "snapshot_step_10", weights=False)
+    snapshot = read_state(fsdp / "snapshots" / "snapshot_step_10", weights=False)
     assert snapshot["metadata"]["world_size"] == 2 and len(snapshot["rng_per_rank"]) == 2
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, skip_without, temporaries
 
-from gpt2scratch.commands import PlotConfig
+from gpt2scratch.config.commands import PlotConfig
 from gpt2scratch.errors import DataError, UsageError
-from gpt2scratch.plot import plot_runs, read_run, write_run_plot
+from gpt2scratch.training.plot import plot_runs, read_run, write_run_plot
 
 needs_matplotlib = skip_without("matplotlib")
 

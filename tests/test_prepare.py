@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from conftest import REPO, SAMPLE_TEXT, digest, skip_without, temporaries
 
-from gpt2scratch import documents, shards
-from gpt2scratch import prepare as prepare_module
-from gpt2scratch.commands import PrepareConfig
+from gpt2scratch.config.commands import PrepareConfig
+from gpt2scratch.data import documents, shards
+from gpt2scratch.data import prepare as prepare_module
+from gpt2scratch.data.prepare import prepare
 from gpt2scratch.errors import DataError, OutDirError, UsageError
-from gpt2scratch.outdir import OutDirLock
-from gpt2scratch.prepare import prepare
+from gpt2scratch.files import OutDirLock
 from gpt2scratch.tokenizer import EOT_TOKEN, get_encoding
 
 DOCS = [f"Document {i}: " + SAMPLE_TEXT[: 40 + 37 * i] for i in range(12)] + ["", "naïve café 日本語 <|endoftext|>"]
@@ -71,7 +71,8 @@ def shard_ids(out: Path) -> dict[str, list[int]]:
 
 
 def config(inputs: list[Path], out: Path, *flags: str) -> PrepareConfig:
-    from gpt2scratch.cli import build_parser, from_args
+    from gpt2scratch.cli.dispatch import build_parser
+    from gpt2scratch.cli.flags import from_args
 
     args = build_parser().parse_args(["prepare", *map(str, inputs), "--out", str(out), *flags])
     return from_args(PrepareConfig, args)
@@ -259,7 +260,7 @@ def test_flags_out_of_range(tmp_path: Path, flags: list[str], message: str) -> N
 
 
 def test_workers_far_beyond_the_cores_are_refused_before_anything_is_written(tmp_path: Path) -> None:
-    from gpt2scratch.prepare import WORKERS_PER_CORE, available_cores
+    from gpt2scratch.data.prepare import WORKERS_PER_CORE, available_cores
 
     source = write_input(tmp_path, "jsonl", DOCS)
     too_many = WORKERS_PER_CORE * available_cores() + 1
@@ -274,7 +275,7 @@ def test_workers_far_beyond_the_cores_are_refused_before_anything_is_written(tmp
 def big_jsonl(path: Path) -> Path:
     """Half of Shakespeare (~2.5 MB) in documents of 3,000 characters: a second or more of work on one thread, of
     which the first two shards are a tenth."""
-    from gpt2scratch.corpus import shakespeare_text
+    from gpt2scratch.data.builtin import shakespeare_text
 
     text = shakespeare_text()[:2_500_000]
     with open(path, "w", encoding="utf-8") as f:

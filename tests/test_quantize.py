@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.corpus import shakespeare_text
+from gpt2scratch.data.builtin import shakespeare_text
 from gpt2scratch.errors import UsageError
-from gpt2scratch.generate import for_inference
+from gpt2scratch.inference.load import for_inference
 from gpt2scratch.model import GPT
-from gpt2scratch.quantize import Int8Linear, quantize_int8
+from gpt2scratch.ops.quantize import Int8Linear, quantize_int8
 from gpt2scratch.tokenizer import encode
-from gpt2scratch.weights import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -52,7 +51,7 @@ def test_bad_uses_are_usage_errors() -> None:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model (n_embd 64) trained for 60 steps on Shakespeare: its next-token distributions are no longer
     flat, so that rounding its weights could visibly change them."""
-    from gpt2scratch.train import train
+    from gpt2scratch.training.loop import train
 
     out = tmp_path_factory.mktemp("int8")
     flags = ["--data", "shakespeare", "--n-embd", "64", "--out-dir", str(out), "--max-steps", "60", "-B", "8"]
@@ -70,8 +69,8 @@ def loss(model: GPT, ids: torch.Tensor) -> float:
 
 def test_int8_keeps_the_quality_of_bf16(trained: Path) -> None:
     """Perplexity within 1% of the bf16 model's, and greedy continuations that mostly agree with bf16's."""
-    bf16 = for_inference(load_model(trained), CPU, torch.bfloat16)
-    int8 = for_inference(load_model(trained), CPU, torch.bfloat16, quantize="int8")
+    bf16 = for_inference(GPT.from_pretrained(trained), CPU, torch.bfloat16)
+    int8 = for_inference(GPT.from_pretrained(trained), CPU, torch.bfloat16, quantize="int8")
     assert isinstance(int8.lm_head, Int8Linear) and all(
         isinstance(b.mlp.c_fc, Int8Linear) and isinstance(b.attn.c_attn, Int8Linear) for b in int8.transformer.h
     )

@@ -24,8 +24,8 @@ import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, digest, run_cli, temporaries
 
-from gpt2scratch.checkpoint import FORMAT_VERSION, read_checkpoint
-from gpt2scratch.outdir import FINAL_NAME, list_snapshots, snapshot_path
+from gpt2scratch.checkpoint.format import FORMAT_VERSION, read_checkpoint
+from gpt2scratch.training.rundir import FINAL_NAME, list_snapshots, snapshot_path
 
 KILL_POINTS = 6
 STEP_LINE = re.compile(r"^step\s+(\d+) \|", re.MULTILINE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2scratch.sampling import CHUNK, sample, top_candidates
+from gpt2scratch.inference.sampling import CHUNK, sample, top_candidates
 
 
 def test_temperature_zero_is_argmax() -> None:

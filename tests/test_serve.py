@@ -24,15 +24,15 @@ import pytest
 import torch
 from conftest import REPO, assert_one_line_error, run_cli, skip_without
 
-from gpt2scratch.commands import API_KEY_ENV, ModelSource, SamplingConfig, ServeConfig
+from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.convert import export
+from gpt2scratch.config.commands import API_KEY_ENV, ModelSource, SamplingConfig, ServeConfig
 from gpt2scratch.errors import UsageError
-from gpt2scratch.generate import for_inference, generate_text
+from gpt2scratch.inference.load import for_inference
+from gpt2scratch.inference.text import generate_text
 from gpt2scratch.model import GPT
-from gpt2scratch.serve import is_loopback, listen, serve
+from gpt2scratch.serve.server import is_loopback, listen, serve
 from gpt2scratch.tokenizer import encode
-from gpt2scratch.weights import load_model
 
 pytestmark = [skip_without("fastapi"), skip_without("uvicorn"), skip_without("openai")]
 
@@ -129,7 +129,7 @@ def main(servers: dict[str, Any]) -> Server:
 @pytest.fixture(scope="module")
 def model(servers: dict[str, Any]) -> GPT:
     """The main server's model, in this process, as ``generate`` runs it."""
-    return for_inference(load_model(servers["tiny"]), CPU, torch.float64)
+    return for_inference(GPT.from_pretrained(servers["tiny"]), CPU, torch.float64)
 
 
 def reference(model: GPT, prompt: str, max_tokens: int, seed: int = 0, **sampling: Any) -> str:
@@ -452,7 +452,8 @@ def test_loopback_hosts(host: str, loopback: bool) -> None:
 
 
 def test_the_server_stack_is_imported_only_to_serve(monkeypatch: pytest.MonkeyPatch) -> None:
-    code = "import sys, gpt2scratch.cli, gpt2scratch.serve, gpt2scratch.batching; print(sorted(m for m in sys.modules "
+    code = "import sys, gpt2scratch.cli, gpt2scratch.serve.server, gpt2scratch.serve.batching\n"
+    code += "print(sorted(m for m in sys.modules "
     code += "if m.split('.')[0] in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0 and result.stdout == "[]\n", result.stderr

@@ -44,13 +44,20 @@ from conftest import (
     train_py,
 )
 
-from gpt2scratch.checkpoint import read_checkpoint
-from gpt2scratch.distributed import World
+from gpt2scratch.checkpoint.format import read_checkpoint
+from gpt2scratch.checkpoint.load import read_state
+from gpt2scratch.checkpoint.sharded import (
+    consolidate,
+    load_into,
+    read_metadata,
+    read_sharded_snapshot,
+    save_snapshot,
+)
+from gpt2scratch.distributed.parallelize import tied_names
+from gpt2scratch.distributed.world import World
 from gpt2scratch.errors import CheckpointError, UsageError
-from gpt2scratch.outdir import list_snapshots
-from gpt2scratch.parallel import tied_names
-from gpt2scratch.sharded import consolidate, load_checkpoint, load_into, read_metadata, read_snapshot, save_snapshot
-from gpt2scratch.weights import load_model
+from gpt2scratch.model import GPT
+from gpt2scratch.training.rundir import list_snapshots
 
 
 def assert_same(a: Any, b: Any, where: str = "") -> None:
@@ -95,12 +102,12 @@ def snapshot(process_group: None, tmp_path_factory: pytest.TempPathFactory) -> t
 def test_a_sharded_snapshot_reads_back_as_the_file_it_stands_for(snapshot: tuple) -> None:
     path, whole, _ = snapshot
     assert sorted(p.name for p in path.iterdir()) == [".metadata", "__0_0.distcp"]
-    read = read_snapshot(path)
+    read = read_sharded_snapshot(path)
     assert_same(without_clock(read), without_clock(whole))
     weights = read["model_state_dict"]
     assert weights["lm_head.weight"] is weights["transformer.wte.weight"]  # tied, and stored once:
     assert "model_state_dict/lm_head.weight" not in read_metadata(path).state_dict_metadata
-    light = load_checkpoint(path, weights=False)  # what FSDP reads before its shards
+    light = read_state(path, weights=False)  # what FSDP reads before its shards
     assert "model_state_dict" not in light and "optimizer_state_dict" not in light
     assert_same(without_clock(light), without_clock({k: v for k, v in whole.items() if not k.endswith("state_dict")}))
 
@@ -109,11 +116,11 @@ def test_a_sharded_snapshot_reads_back_as_the_file_it_stands_for(snapshot: tuple
 def test_fsdp_and_one_process_resume_a_sharded_snapshot_exactly(snapshot: tuple) -> None:
     path, _, expected = snapshot
     sharded = new_state(seed=1, sharded=True)  # other weights, position and RNG: all must be replaced
-    resume = {**load_checkpoint(path, weights=False), **load_into(path, sharded.model, sharded.optimizer)}
+    resume = {**read_state(path, weights=False), **load_into(path, sharded.model, sharded.optimizer)}
     sharded.load_state_dict(resume)
     assert sharded.step == 2 and take_steps(sharded, 3) == expected
     plain = new_state(seed=1)
-    plain.load_state_dict(read_snapshot(path))
+    plain.load_state_dict(read_sharded_snapshot(path))
     assert take_steps(plain, 3) == pytest.approx(expected, abs=1e-6)
 
 
@@ -121,7 +128,7 @@ def test_consolidate_writes_one_file_that_loads_and_resumes(snapshot: tuple, tmp
     path, _, expected = snapshot
     out = tmp_path / "consolidated.pt"
     consolidate(path, out)
-    assert_same(read_checkpoint(out), read_snapshot(path))
+    assert_same(read_checkpoint(out), read_sharded_snapshot(path))
     assert torch.load(out, weights_only=True)["step"] == 2
     state = new_state(seed=1)
     state.load_state_dict(read_checkpoint(out))
@@ -150,7 +157,7 @@ def test_consolidate_never_writes_inside_the_snapshot(snapshot: tuple, tmp_path:
 def test_a_sharded_snapshot_is_a_model_source(snapshot: tuple) -> None:
     """generate, eval and export take it as they take a checkpoint file."""
     path, whole, _ = snapshot
-    model = load_model(path)
+    model = GPT.from_pretrained(path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, whole["model_state_dict"][name]), name
 
@@ -160,11 +167,11 @@ def test_a_hostile_metadata_is_refused_in_one_line_and_never_runs(
 ) -> None:
     hostile = tmp_path / "snapshot_step_2"
     shutil.copytree(snapshot[0], hostile)
-    read_snapshot(hostile)  # the control: the copy loads
+    read_sharded_snapshot(hostile)  # the control: the copy loads
     marker = tmp_path / "pwned"
     (hostile / ".metadata").write_bytes(pickle.dumps(RunsCommand(f"touch {marker}")))
     with pytest.raises(CheckpointError, match=r"refused to load .*: its \.metadata names posix\.system"):
-        load_checkpoint(hostile)
+        read_state(hostile)
     result = run_cli("consolidate", str(hostile), str(tmp_path / "out.pt"))
     assert_one_line_error(result.returncode, result.stderr, 1, "refused to load", "could run code")
     flags = [*TINY_TRAIN_FLAGS, "--input", str(text_file), "--out-dir", str(tmp_path / "run"), "--resume", str(hostile)]
@@ -220,7 +227,7 @@ def test_a_damaged_or_foreign_snapshot_is_one_line(case: str, snapshot: tuple, t
         tamper(metadata, folder, case)
         (folder / ".metadata").write_bytes(pickle.dumps(metadata))
     with pytest.raises(CheckpointError, match=re.escape(TAMPERED[case])) as failure:
-        read_snapshot(folder)
+        read_sharded_snapshot(folder)
     assert "\n" not in str(failure.value)
 
 
@@ -305,9 +312,9 @@ def test_kill_9_of_a_rank_during_a_sharded_snapshot_then_resume_auto(tmp_path: P
     assert run.returncode != 0
     newest = list_snapshots(out)[-1][0]
     for _, path in list_snapshots(out):  # whatever is under a final name is complete
-        assert load_checkpoint(path)["step"] == int(path.name.rsplit("_", 1)[1])
+        assert read_state(path)["step"] == int(path.name.rsplit("_", 1)[1])
     result = torchrun(*flags, "--max-steps", str(newest + 2), "--resume", "auto", cwd=tmp_path)
     assert_ran(result)
     assert f"resuming from {out / 'snapshots' / f'snapshot_step_{newest}'} (step {newest})" in result.stdout
-    assert load_checkpoint(out / "snapshots" / f"snapshot_step_{newest + 2}")["step"] == newest + 2
+    assert read_state(out / "snapshots" / f"snapshot_step_{newest + 2}")["step"] == newest + 2
     assert not temporaries(out), temporaries(out)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2scratch import shards
+from gpt2scratch.data import shards
+from gpt2scratch.data.shards import ShardFiles, ShardLoader, ShardSet
 from gpt2scratch.errors import DataError
-from gpt2scratch.shards import ShardFiles, ShardLoader, ShardSet
 
 
 def numpy_shard(path: Path, tokens: np.ndarray, magic: int = 20240520, version: int = 1, count: int | None = None):
@@ -180,31 +180,31 @@ def test_identity_from_the_manifest_or_a_fingerprint(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     paths = [numpy_shard(tmp_path / f"train_{k:06d}.bin", rng.integers(0, 50257, 1_500_000)) for k in range(2)]
     files = ShardFiles(paths, [])
-    fingerprint = shards.identity(files)
+    fingerprint = shards.fingerprint(files)
     middle = bytearray(paths[1].read_bytes())
     middle[1024 + 2 * 700_000] ^= 1  # a byte outside the first and last MB: the fingerprint does not read it
     paths[1].write_bytes(bytes(middle))
-    assert shards.identity(files) == fingerprint
+    assert shards.fingerprint(files) == fingerprint
     end = bytearray(middle)
     end[-1] ^= 1
     paths[1].write_bytes(bytes(end))
-    assert shards.identity(files) != fingerprint
+    assert shards.fingerprint(files) != fingerprint
 
     listed = [{"name": p.name, "tokens": 1_500_000, "sha256": shards.file_sha256(p)} for p in paths]
     manifest = {"format": {"magic": 20240520}, "complete": True, "shards": listed}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    from_manifest = shards.identity(files)
+    from_manifest = shards.fingerprint(files)
     listed[0]["sha256"] = "0" * 64
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert len({fingerprint, from_manifest, shards.identity(files)}) == 3
+    assert len({fingerprint, from_manifest, shards.fingerprint(files)}) == 3
 
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(DataError, match=r"is still being prepared \(manifest\.json says it is unfinished\)"):
-        shards.identity(files)
+        shards.fingerprint(files)
     listed[1]["tokens"] = 10
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"train_000001\.bin is not the shard that .*manifest\.json lists"):
-        shards.identity(files)
+        shards.fingerprint(files)
 
 
 @pytest.mark.parametrize(
@@ -218,4 +218,4 @@ def test_a_manifest_listing_a_shard_malformed_is_a_data_error(tmp_path: Path, en
     manifest = {"format": {"magic": 20240520}, "complete": True, "shards": [entry]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"manifest\.json is damaged: it lists a shard as .*move the manifest away"):
-        shards.identity(ShardFiles([path], []))
+        shards.fingerprint(ShardFiles([path], []))

@@ -2,7 +2,7 @@
 resume, and the options that change how a step is computed (dtype, validation, gradient accumulation).
 
 Runs go through ``python train.py`` as a user would, except where only the loop's numbers matter: those call
-``gpt2scratch.train.train`` in this process, which saves the start-up time of a subprocess.
+``gpt2scratch.training.loop.train`` in this process, which saves the start-up time of a subprocess.
 """
 
 from __future__ import annotations
@@ -32,16 +32,18 @@ from conftest import (
 )
 
 import gpt2scratch
-from gpt2scratch import data, shards
-from gpt2scratch.commands import PrepareConfig
 from gpt2scratch.config import GPTConfig, TrainConfig
+from gpt2scratch.config.commands import PrepareConfig
+from gpt2scratch.data import corpus as data
+from gpt2scratch.data import shards
+from gpt2scratch.data.prepare import prepare
 from gpt2scratch.device import cpu_has_bf16
-from gpt2scratch.distributed import World
+from gpt2scratch.distributed.world import World
 from gpt2scratch.errors import CheckpointError, OutDirError, UsageError
 from gpt2scratch.model import GPT
-from gpt2scratch.prepare import prepare
 from gpt2scratch.tokenizer import encode
-from gpt2scratch.train import Snapshots, check_before_training, train
+from gpt2scratch.training.checkpoints import Checkpoints
+from gpt2scratch.training.loop import check_before_training, train
 
 TOKENS_PER_STEP = 4 * 16  # -B 4 -T 16 of TINY_TRAIN_FLAGS
 
@@ -404,7 +406,7 @@ def test_the_disk_space_hint_suggests_fewer_snapshots_only_where_that_helps(
     tmp_path: Path, keep: int, hint: bool
 ) -> None:
     """Item 12: with --keep-snapshots 1 the message still said to lower it."""
-    snapshots = Snapshots(tmp_path, keep, World())
+    snapshots = Checkpoints(tmp_path, keep, World())
     huge = {"format_version": 1, "model_state_dict": {"w": torch.empty(10**15, device="meta")}, "config": {}}
     with pytest.raises(OutDirError, match="not enough disk space") as failure:
         snapshots.writer.submit(huge, tmp_path / "snapshots" / "snapshot_step_1.pt")
@@ -456,7 +458,7 @@ def test_shards_written_by_another_tool_train(tmp_path: Path) -> None:
                                                                                       "epoch": 0}  # fmt: skip
     last = load(tmp_path / "out" / "snapshots" / "snapshot_step_8.pt")
     assert last["loader"] == {"shard": 1, "offset": 128, "epoch": 0}
-    assert last["metadata"]["input_sha256"] == shards.identity(shards.find_shards(str(folder)))
+    assert last["metadata"]["input_sha256"] == shards.fingerprint(shards.find_shards(str(folder)))
     assert not (tmp_path / "out" / "token_cache").exists()
 
 

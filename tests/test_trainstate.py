@@ -12,14 +12,14 @@ import pytest
 import torch
 from conftest import new_state, take_steps
 
-from gpt2scratch.checkpoint import FORMAT_VERSION, read_checkpoint
+from gpt2scratch.checkpoint.format import FORMAT_VERSION, read_checkpoint
 from gpt2scratch.config import TrainConfig
-from gpt2scratch.data import Corpus
-from gpt2scratch.distributed import World
+from gpt2scratch.data.corpus import Corpus
+from gpt2scratch.data.shards import ShardLoader, ShardSet
+from gpt2scratch.distributed.world import World
 from gpt2scratch.errors import CheckpointError, UsageError
-from gpt2scratch.optim import make_optimizer
-from gpt2scratch.shards import ShardLoader, ShardSet
-from gpt2scratch.trainstate import TrainState, check_identity
+from gpt2scratch.training.optim import make_optimizer
+from gpt2scratch.training.state import TrainState, check_identity
 
 # The keys of a format-1 checkpoint, as every version since the first wrote them (and the original README's resume
 # recipe reads model_state_dict and optimizer_state_dict): changing them needs a new FORMAT_VERSION.

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .config import GPTConfig
-from .errors import DeviceError, UsageError
+from gpt2scratch.config import GPTConfig
+from gpt2scratch.errors import DeviceError, UsageError
 
 log = logging.getLogger(__name__)
 

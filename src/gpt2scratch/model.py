@@ -3,7 +3,7 @@
 A decoder-only Transformer: token + learned position embeddings, a stack of pre-LayerNorm blocks (causal multi-head
 self-attention, then a GELU MLP, each added to the residual stream), a final LayerNorm, and an output head that shares
 its weight with the token embedding. Parameter names follow OpenAI's checkpoint (wte, wpe, h, ln_1, attn.c_attn, ...)
-so that weight conversion is a short list of transposes (see convert.py).
+so that weight conversion is a short list of transposes (see checkpoint/hf.py).
 
 Shape letters: B batch, T time (sequence), C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary,
 P past tokens held in the KV cache, S = P + T keys an attention sees.
@@ -12,19 +12,20 @@ P past tokens held in the KV cache, S = P + T keys an attention sees.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+import os
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GPTConfig
-from .loss import head_loss
+from gpt2scratch.config import GPTConfig
+from gpt2scratch.ops.head_loss import head_loss
 
 
 class Cache(Protocol):
-    """What the model asks of a KV cache (decode.py's ``SlotBatch``: each row at its own position). One forward pass
-    calls ``positions`` once, ``update`` once per layer, then ``advance``."""
+    """What the model asks of a KV cache (inference/engine.py's ``SlotBatch``: each row at its own position). One
+    forward pass calls ``positions`` once, ``update`` once per layer, then ``advance``."""
 
     def positions(self, T: int) -> torch.Tensor:
         """Positions of the T new tokens: (T,) shared by all rows or (B, T) per row; ValueError past the cache."""
@@ -127,6 +128,9 @@ class Transformer(nn.Module):
         return self.ln_f(x)
 
 
+Model = TypeVar("Model", bound="GPT")  # GPT or a subclass: from_pretrained builds the class it is called on
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -151,12 +155,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str) -> GPT:
+    def from_pretrained(cls: type[Model], source: str | os.PathLike[str]) -> Model:
         """A GPT with published or saved weights: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (through
-        huggingface_hub), a transformers model directory, or a checkpoint of ours. Raises CheckpointError."""
-        from .weights import load_model  # weight formats live apart from the architecture
+        huggingface_hub), a transformers model directory, or a checkpoint of ours: a final model or a snapshot, as
+        a file or a sharded directory. Fp32, on the CPU. Raises CheckpointError (ConfigError for a config this
+        model does not implement)."""
+        from gpt2scratch.checkpoint.load import load_model  # weight formats live apart from the architecture
 
-        return load_model(name_or_path)
+        return load_model(cls, source)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters, the tied embedding/head counted once; without wpe if ``non_embedding``."""
@@ -177,7 +183,7 @@ class GPT(nn.Module):
 
         Targets equal to -1 are ignored. With a ``cache``, ``idx`` continues the tokens already in it. With
         ``last_only``, logits are computed for the last position alone: (B, 1, V). Training passes
-        ``return_logits=False``: the loss alone, computed with the head without keeping the logits (loss.py).
+        ``return_logits=False``: the loss alone, computed with the head without keeping the logits (ops/head_loss.py).
         Raises ValueError if the sequence would be longer than ``config.block_size``.
         """
         length, block = idx.size(1), self.config.block_size
@@ -208,6 +214,8 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """The prompts ``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + n). A shortcut to
         ``decode.generate``, the decoding loop that every command shares (see there for the arguments)."""
-        from .decode import generate  # decode.py builds on this module, so it is imported when used
+        from gpt2scratch.inference.engine import (
+            generate,  # inference/engine.py builds on this module, so it is imported when used
+        )
 
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, eos_token, use_cache)

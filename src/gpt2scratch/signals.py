@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .errors import Stopped
+from gpt2scratch.errors import Stopped
 
 log = logging.getLogger(__name__)
 

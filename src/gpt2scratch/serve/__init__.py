@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible HTTP app, its server, the batcher, the request schema and Prometheus metrics."""
