@@ -1,6 +1,8 @@
-"""The one home of shared test helpers and fixtures: tiny corpora and configs, running the real CLI (and torchrun), a
-session-wide trained snapshot and FSDP runs, a tiny training state, reading metrics, comparing runs, one-line error
-checks, a file size limit, a process group of one, and a malicious pickle."""
+"""The one home of shared test helpers and fixtures: tiny corpora and configs, running the real CLI (and torchrun) or
+its ``main`` in this process, random models and token ids, llm.c shards written with numpy, a session-wide trained
+snapshot and FSDP runs, a tiny training state, reading metrics, comparing runs, one-line error checks, a file size
+limit, a process group of one, and a malicious pickle. The tests are laid out as the package is (tests/data/ for
+gpt2scratch/data/, ...), with end-to-end runs of the command line in tests/e2e/; no two test files share a name."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 from gpt2scratch.config import GPTConfig, TrainConfig
 
 if typing.TYPE_CHECKING:
+    from gpt2scratch.model import GPT
     from gpt2scratch.training.state import TrainState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,12 +71,66 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process we start: ours, with this checkout's ``src`` on PYTHONPATH, then ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), **(extra or {})}
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
             script: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     """Run ``gpt2-scratch ARGS`` (or ``python SCRIPT ARGS``) as a user would; capture its output."""
     command = [sys.executable, script, *args] if script else [sys.executable, "-m", "gpt2scratch", *args]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = child_env({"OMP_NUM_THREADS": "2", **(env or {})})
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_main(*args: str, cwd: Path | None = None, env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
+    """``gpt2-scratch ARGS`` in this process, through ``gpt2scratch.cli.main``: (exit code, stdout, stderr), in ``cwd``
+    (else here) with ``env`` on top of our environment (None unsets a variable). Warnings it raises are added to
+    stderr as Python would print them in a process of its own. What the command changes in this process is put back:
+    the directory and environment, the root logger it configures, the stop signals' handlers, torch's global RNG and
+    float32 matmul precision. Not for what needs a fresh process: OMP_NUM_THREADS (read as torch loads), start-up,
+    signals, and anything that could hang."""
+    import io
+    import logging
+    import warnings
+
+    from gpt2scratch.cli import main
+    from gpt2scratch.signals import SIGNALS
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    handlers_of = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    precision = torch.get_float32_matmul_precision()
+    with contextlib.ExitStack() as stack:
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        if cwd is not None:
+            patch.chdir(cwd)
+        for name, value in (env or {}).items():
+            if value is None:
+                patch.delenv(name, raising=False)
+            else:
+                patch.setenv(name, value)
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        caught = stack.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("default")  # Python's own filters: what a user's terminal would show
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category)
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse: usage errors, --help, --version
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            for sig, handler in handlers_of.items():
+                signal.signal(sig, handler)
+            torch.set_float32_matmul_precision(precision)
+    shown = (warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    return code, out.getvalue(), err.getvalue() + "".join(shown)
 
 
 def skip_without(module: str) -> pytest.MarkDecorator:
@@ -106,9 +163,39 @@ def trained_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     try:
         cfg = tiny_config(*flags, "--max-steps", "2", "--snapshot-interval", "2")
-        return train(dataclasses.replace(cfg, no_plot=False)).model_path  # its loss.png is checked in test_plot.py
+        # its loss.png is checked in training/test_plot.py
+        return train(dataclasses.replace(cfg, no_plot=False)).model_path
     finally:
         torch.set_num_threads(threads)
+
+
+def make_model(config: GPTConfig, scale: float, dtype: torch.dtype | None = None, seed: int = 0) -> GPT:
+    """A model of ``config`` in eval mode, its weights from ``seed`` plus Gaussian noise of ``scale`` (larger than the
+    0.02 init, so logits are spread out and greedy picks are clear), then cast to ``dtype`` if one is given."""
+    from gpt2scratch.model import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * scale)
+    return model if dtype is None else model.to(dtype)
+
+
+def random_ids(vocab_size: int, B: int, T: int, seed: int = 1) -> torch.Tensor:
+    """(B, T) token ids below ``vocab_size`` from their own generator seeded with ``seed``."""
+    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def numpy_shard(path: Path, tokens: Any, magic: int = 20240520, version: int = 1, count: int | None = None) -> Path:
+    """A shard in llm.c's format as its fineweb.py (or modded-nanogpt's cached FineWeb) writes one, with numpy alone
+    (not our writer): a 256-int32 header (magic, version, token count), then the tokens as uint16."""
+    import numpy as np
+
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = magic, version, len(tokens) if count is None else count
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes())
+    return path
 
 
 def metrics(out_dir: Path) -> list[dict[str, Any]]:
@@ -179,8 +266,7 @@ def torchrun_command(options: list[str], *flags: str) -> list[str]:
 def torchrun(*flags: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=2 train.py FLAGS`` in ``cwd``, one thread per rank."""
     command = torchrun_command(["--nproc_per_node=2", f"--master_port={free_port()}"], *flags)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **ONE_THREAD}
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=child_env(ONE_THREAD))
 
 
 def train_py(*flags: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import child_env
 
 from gpt2scratch.errors import Stopped
 from gpt2scratch.signals import deferred, stopping_at_once
@@ -77,7 +77,7 @@ def test_importing_the_command_line_does_not_import_torch() -> None:
     (a SIGTERM then killed generate by the signal, with no message)."""
     code = "import sys, gpt2scratch.cli; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=60)  # fmt: skip
+                            env=child_env(), timeout=60)  # fmt: skip
     assert result.stdout.strip() == "False", result.stderr
 
 
@@ -95,7 +95,7 @@ def streaming(checkpoint: Path, ignore: tuple[int, ...] = ()) -> subprocess.Pope
 
     command = [sys.executable, "-m", "gpt2scratch", "generate", "--checkpoint", str(checkpoint), "--stream",
                "--num-samples", "100000", "--max-new-tokens", "8", "--device", "cpu", "--dtype", "float32"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env = child_env({"OMP_NUM_THREADS": "1"})
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=preexec)  # fmt: skip
     assert proc.stdout is not None

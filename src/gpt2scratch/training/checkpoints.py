@@ -11,7 +11,7 @@ from gpt2scratch.checkpoint.format import CheckpointWriter, all_finite
 from gpt2scratch.distributed import parallelize as parallel
 from gpt2scratch.distributed.world import World
 from gpt2scratch.errors import TrainingDiverged
-from gpt2scratch.training import rundir as outdir
+from gpt2scratch.training import rundir
 from gpt2scratch.training.state import TrainState
 
 
@@ -26,7 +26,7 @@ class Checkpoints:
     def __init__(self, out_dir: Path, keep: int, world: World, sharded: bool = False):
         self.out_dir, self.world, self.sharded = out_dir, world, sharded
         self.hint = "free some space" + (", lower --keep-snapshots" if keep != 1 else "") + " or use another --out-dir"
-        self.prune = functools.partial(outdir.prune, out_dir, keep)
+        self.prune = functools.partial(rundir.prune, out_dir, keep)
         self.writer = CheckpointWriter(self.prune, space_hint=self.hint)
         self.last: Path | None = None  # the newest snapshot written by this run
 
@@ -35,7 +35,7 @@ class Checkpoints:
         if self.sharded:
             return self.save_sharded(state)
         checkpoint = state.state_dict()
-        path = outdir.snapshot_path(self.out_dir, state.step)
+        path = rundir.snapshot_path(self.out_dir, state.step)
         if not self.world.is_main:
             return path
         if not all_finite(state.model):
@@ -52,7 +52,7 @@ class Checkpoints:
     def save_sharded(self, state: TrainState) -> Path:
         """Snapshot this step as a directory of every rank's shards (every rank writes; rank 0 renames it into place
         once all have finished)."""
-        path = outdir.snapshot_path(self.out_dir, state.step, sharded=True)
+        path = rundir.snapshot_path(self.out_dir, state.step, sharded=True)
         if path == self.last:
             return path
         if not parallel.weights_finite(state.model, self.world):
@@ -69,7 +69,7 @@ class Checkpoints:
         written in the same format); every rank calls this."""
         checkpoint = state.state_dict(kind="final")
         finite = parallel.weights_finite(state.model, self.world)  # every rank: under FSDP each checks its shards
-        path = self.out_dir / outdir.FINAL_NAME
+        path = self.out_dir / rundir.FINAL_NAME
         if self.world.is_main:
             self.writer.wait()
             if not finite:

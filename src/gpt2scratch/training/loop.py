@@ -39,8 +39,7 @@ from gpt2scratch.inference.text import prompt_ids
 from gpt2scratch.model import GPT
 from gpt2scratch.signals import StopSignals
 from gpt2scratch.tokenizer import check_vocabulary
-from gpt2scratch.training import plot
-from gpt2scratch.training import rundir as outdir
+from gpt2scratch.training import plot, rundir
 from gpt2scratch.training.checkpoints import Checkpoints
 from gpt2scratch.training.metrics import MetricsLog, progress_line
 from gpt2scratch.training.optim import lr_at, make_optimizer
@@ -81,9 +80,9 @@ def train(
         keep_freed_memory()
     lock = OutDirLock(out_dir)
     if world.is_main:
-        outdir.check_writable(out_dir)
+        rundir.check_writable(out_dir)
         lock.acquire()
-        outdir.remove_temporaries(out_dir)
+        rundir.remove_temporaries(out_dir)
     stop = StopSignals(at_exit=functools.partial(_exit_at_once, out_dir, at_exit))
     try:
         with stop.installed():
@@ -100,7 +99,7 @@ def _exit_at_once(out_dir: Path, at_exit: Callable[[], None] | None) -> None:
     the temporary files this process was writing (a snapshot, the token cache)."""
     if at_exit is not None:
         at_exit()
-    outdir.remove_temporaries(out_dir, os.getpid())
+    rundir.remove_temporaries(out_dir, os.getpid())
 
 
 def set_up(
@@ -118,7 +117,7 @@ def set_up(
     purpose = "to train (weights, gradients and AdamW state in fp32"
     purpose += f", split over {world.size} ranks)" if fsdp else ")"
     check_model_fits(shape, device, 16, purpose, "choose a smaller shape", shards=world.size if fsdp else 1)
-    corpus = load_corpus(cfg, out_dir / outdir.CACHE_DIR, world, progress)
+    corpus = load_corpus(cfg, out_dir / rundir.CACHE_DIR, world, progress)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = initial_model(cfg, resume).to(device)
     if world.is_main:
@@ -160,16 +159,16 @@ def find_resume(cfg: TrainConfig, world: World, weights: bool = True) -> tuple[P
     out_dir = Path(cfg.out_dir)
     if cfg.resume is None:
         if world.is_main:
-            outdir.refuse_to_overwrite(out_dir, plot=not cfg.no_plot)
+            rundir.refuse_to_overwrite(out_dir, plot=not cfg.no_plot)
         return None, None
     if cfg.resume == "auto":
-        path, checkpoint = outdir.latest_snapshot(out_dir, weights)
+        path, checkpoint = rundir.latest_snapshot(out_dir, weights)
     else:
         path = Path(cfg.resume)
         checkpoint = read_state(path, weights)
     step = checkpoint.get("step")
     if type(step) is int and world.is_main:
-        outdir.refuse_to_resume_over(out_dir, path, step)
+        rundir.refuse_to_resume_over(out_dir, path, step)
     if type(step) is int and cfg.max_steps is not None and cfg.max_steps <= step:
         raise UsageError(f"--max-steps {cfg.max_steps} is not beyond the checkpoint's step {step}; raise it to go on")
     return path, checkpoint
@@ -224,8 +223,8 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
         log.info("compiling the model (the first step takes ~20-30 s longer)")
     checkpoints = Checkpoints(out_dir, cfg.keep_snapshots, world, sharded=sharded_model)
     evaluates = world.is_main or sharded_model  # under FSDP a forward pass needs every rank
-    tensorboard = out_dir / outdir.TENSORBOARD_DIR if cfg.tensorboard else None
-    metrics = MetricsLog(out_dir / outdir.METRICS_NAME if world.is_main else None, state.step, tensorboard)
+    tensorboard = out_dir / rundir.TENSORBOARD_DIR if cfg.tensorboard else None
+    metrics = MetricsLog(out_dir / rundir.METRICS_NAME if world.is_main else None, state.step, tensorboard)
     first_step = state.step
     questions = read_choices(cfg.hellaswag, cfg.hellaswag_limit) if cfg.hellaswag and evaluates else None
     note = {"changed_on_resume": state.changes[-1]["changed"]} if state.changes else {}  # on the first record

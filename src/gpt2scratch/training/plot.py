@@ -18,7 +18,7 @@ from gpt2scratch.config import PlotConfig
 from gpt2scratch.config.commands import Console
 from gpt2scratch.errors import DataError, UsageError
 from gpt2scratch.files import replace_atomically
-from gpt2scratch.training import rundir as outdir
+from gpt2scratch.training import rundir
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -39,9 +39,9 @@ def read_run(run: str | Path) -> Run:
     """The records of a run's ``metrics.jsonl`` (``run`` is its out dir or the file), named after its directory;
     DataError if there are none. A torn line (a run killed mid-write) is skipped."""
     path = Path(run)
-    metrics = path / outdir.METRICS_NAME if path.is_dir() else path
+    metrics = path / rundir.METRICS_NAME if path.is_dir() else path
     if not metrics.is_file():
-        raise DataError(f"{run} has no metrics: no {metrics}; give a run's --out-dir or its {outdir.METRICS_NAME}")
+        raise DataError(f"{run} has no metrics: no {metrics}; give a run's --out-dir or its {rundir.METRICS_NAME}")
     records = []
     for line in metrics.read_text(errors="replace").splitlines():
         try:
@@ -135,7 +135,7 @@ def write_run_plot(out_dir: Path) -> None:
     picture that fails must not hide how the run itself ended, so a failure is a warning."""
     if importlib.util.find_spec("matplotlib") is None:
         return
-    path = out_dir / outdir.PLOT_NAME
+    path = out_dir / rundir.PLOT_NAME
     try:
         save_png(figure([read_run(out_dir)]), path)
     except DataError:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -27,8 +26,10 @@ from conftest import (
     TINY_TRAIN_FLAGS,
     assert_one_line_error,
     metrics,
+    numpy_shard,
     run_cli,
     tiny_config,
+    train_py,
 )
 
 import gpt2scratch
@@ -54,9 +55,9 @@ METADATA_KEYS = {"time", "tokens_seen", "wall_seconds", "target_loss", "input", 
 METADATA_KEYS |= {"gpt2scratch_version", "torch_version"}
 
 
-def train_py(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
+def tiny_train_py(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python train.py`` with the tiny flags, then ``flags`` (later flags win), in ``cwd``."""
-    return run_cli(*TINY_TRAIN_FLAGS, *flags, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
+    return train_py(*TINY_TRAIN_FLAGS, *flags, cwd=cwd)
 
 
 def config_here(tmp_path: Path, *flags: str) -> TrainConfig:
@@ -107,7 +108,7 @@ def to_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     cwd = make_input(tmp_path_factory.mktemp("to_target"))
     flags = [f for f in TINY_TRAIN_FLAGS if f not in ("--no-sample", "--no-plot")]
     extra = ["--target-loss", str(TARGET), "--snapshot-interval", "10", "--keep-snapshots", "2"]
-    result = run_cli(*flags, *extra, script=str(REPO / "train.py"), cwd=cwd, env=ONE_THREAD)
+    result = train_py(*flags, *extra, cwd=cwd)
     return result, cwd
 
 
@@ -222,7 +223,7 @@ RESUMABLE = ["--target-loss", "0", "--snapshot-interval", "10", "--keep-snapshot
 def run_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 steps that never reach the target, a snapshot every 10; returns the folder holding input.txt and out/."""
     cwd = make_input(tmp_path_factory.mktemp("run_a"))
-    result = train_py(*RESUMABLE, "--max-steps", "30", "--out-dir", "out", cwd=cwd)
+    result = tiny_train_py(*RESUMABLE, "--max-steps", "30", "--out-dir", "out", cwd=cwd)
     assert result.returncode == 0, result.stderr
     return cwd
 
@@ -231,7 +232,9 @@ def run_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_resume_continues_exactly(run_a: Path, tmp_path: Path) -> None:
     out_a, out_b = run_a / "out", tmp_path / "out_b"
     snapshot = out_a / "snapshots" / "snapshot_step_10.pt"
-    result = train_py(*RESUMABLE, "--max-steps", "30", "--resume", str(snapshot), "--out-dir", str(out_b), cwd=run_a)
+    result = tiny_train_py(
+        *RESUMABLE, "--max-steps", "30", "--resume", str(snapshot), "--out-dir", str(out_b), cwd=run_a
+    )
     assert result.returncode == 0, result.stderr
     assert f"resuming from {snapshot} (step 10)" in result.stdout
 
@@ -256,7 +259,7 @@ def resumed_auto(run_a: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     """A copy of run A's out dir, continued with --resume auto to --max-steps 33 (not a snapshot interval)."""
     out = tmp_path_factory.mktemp("auto") / "out"
     shutil.copytree(run_a / "out", out)
-    result = train_py(*RESUMABLE, "--max-steps", "33", "--resume", "auto", "--out-dir", str(out), cwd=run_a)
+    result = tiny_train_py(*RESUMABLE, "--max-steps", "33", "--resume", "auto", "--out-dir", str(out), cwd=run_a)
     return result, out
 
 
@@ -298,7 +301,7 @@ def test_max_steps_without_the_target_snapshots_the_last_step(
 def test_resume_into_another_shape_is_one_line(run_a: Path, tmp_path: Path) -> None:
     snapshot = run_a / "out" / "snapshots" / "snapshot_step_10.pt"
     flags = ["--resume", str(snapshot), "--n-embd", "64", "--out-dir", str(tmp_path / "out")]
-    result = train_py(*RESUMABLE, "--max-steps", "12", *flags, cwd=run_a)
+    result = tiny_train_py(*RESUMABLE, "--max-steps", "12", *flags, cwd=run_a)
     assert_one_line_error(result.returncode, result.stderr, 1, "n_embd=32", "n_embd=64")
     assert "Traceback" not in result.stdout
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
@@ -432,13 +435,6 @@ def test_hellaswag_and_the_gradient_norm_are_in_the_metrics(tmp_path: Path, in_p
 # ---- issue 12: training on token shards ----
 
 
-def numpy_shard(path: Path, tokens: list[int]) -> None:
-    """A shard in llm.c's format written with numpy alone, as modded-nanogpt's cached FineWeb shards are."""
-    header = np.zeros(256, dtype=np.int32)
-    header[:3] = 20240520, 1, len(tokens)
-    path.write_bytes(header.tobytes() + np.array(tokens, dtype=np.uint16).tobytes())
-
-
 @pytest.mark.slow
 def test_shards_written_by_another_tool_train(tmp_path: Path) -> None:
     ids = encode(SAMPLE_TEXT * 6)
@@ -448,7 +444,7 @@ def test_shards_written_by_another_tool_train(tmp_path: Path) -> None:
     numpy_shard(folder / "fineweb_train_000002.bin", ids[400:])
     numpy_shard(folder / "fineweb_val_000000.bin", ids[:100])
     flags = ["--input", str(folder), "--max-steps", "8", "--target-loss", "0", "--eval-interval", "4"]
-    result = train_py(*flags, "--eval-batches", "1", "--snapshot-interval", "4", "--out-dir", "out", cwd=tmp_path)
+    result = tiny_train_py(*flags, "--eval-batches", "1", "--snapshot-interval", "4", "--out-dir", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     records = metrics(tmp_path / "out")
     assert [r["step"] for r in records] == list(range(1, 9)) and records[-1]["loss"] < records[0]["loss"]

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, assert_one_line_error, digest, file_size_limit, run_cli, skip_without, temporaries
+from conftest import (
+    TINY,
+    assert_one_line_error,
+    digest,
+    file_size_limit,
+    random_ids,
+    run_cli,
+    skip_without,
+    temporaries,
+)
 
 from gpt2scratch.checkpoint.format import FORMAT_VERSION
 from gpt2scratch.checkpoint.hf import export
@@ -53,10 +62,6 @@ def hf_model(shape: tuple[int, ...], seed: int = 0):
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
     return model
-
-
-def random_ids(vocab_size: int, B: int, T: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def assert_same_outputs(hf, ours: GPT, idx: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Picking tokens from logits (sampling.py): greedy, top-k, top-p, and the chunked top-k equal to torch.topk."""
+"""Picking tokens from logits (inference/sampling.py): greedy, top-k, top-p, and the chunked top-k equal to
+torch.topk."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import random
 import re
 import subprocess
@@ -12,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ONE_THREAD, assert_one_line_error, run_cli
+from conftest import ONE_THREAD, assert_one_line_error, run_cli, run_main
 
-from gpt2scratch import cli
 from gpt2scratch import device as device_module
 from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.config import GPTConfig
@@ -169,35 +167,14 @@ def test_max_new_tokens_wins_over_max_length(model: GPT) -> None:
 # --- errors ------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def run_main(capsys: pytest.CaptureFixture[str]):
-    """``gpt2-scratch ARGS`` in this process: (exit code, stdout, stderr). Restores the logging it configures."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    precision = torch.get_float32_matmul_precision()
-
-    def run(*args: str) -> tuple[int, str, str]:
-        try:
-            code = cli.main(list(args))
-        except SystemExit as exit_:  # argparse's usage errors
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield run
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    torch.set_float32_matmul_precision(precision)
-
-
-def test_missing_checkpoint(run_main, tmp_path: Path) -> None:
+def test_missing_checkpoint(tmp_path: Path) -> None:
     missing = tmp_path / "final_model.pt"
     code, out, err = run_main("generate", "--checkpoint", str(missing))
     assert_one_line_error(code, err, 1, str(missing))
     assert out == ""
 
 
-def test_missing_pretrained_directory(run_main, tmp_path: Path) -> None:
+def test_missing_pretrained_directory(tmp_path: Path) -> None:
     code, _, err = run_main("generate", "--pretrained", str(tmp_path / "no-such-dir"))
     assert_one_line_error(code, err, 1, "no-such-dir")
 
@@ -210,7 +187,7 @@ NOT_CHECKPOINTS = {
 
 
 @pytest.mark.parametrize("name", NOT_CHECKPOINTS)
-def test_file_that_is_not_a_checkpoint(run_main, tmp_path: Path, name: str) -> None:
+def test_file_that_is_not_a_checkpoint(tmp_path: Path, name: str) -> None:
     path = tmp_path / f"{name}.pt"
     path.write_bytes(NOT_CHECKPOINTS[name])
     code, _, err = run_main("generate", "--checkpoint", str(path))
@@ -218,7 +195,7 @@ def test_file_that_is_not_a_checkpoint(run_main, tmp_path: Path, name: str) -> N
 
 
 @pytest.mark.parametrize("name", NOT_CHECKPOINTS)
-def test_file_that_is_not_a_checkpoint_is_not_called_unsafe(run_main, tmp_path: Path, name: str) -> None:
+def test_file_that_is_not_a_checkpoint_is_not_called_unsafe(tmp_path: Path, name: str) -> None:
     """Garbage is corrupt or foreign, not 'Python objects that could run code' (that is for real pickled code)."""
     path = tmp_path / f"{name}.pt"
     path.write_bytes(NOT_CHECKPOINTS[name])
@@ -235,20 +212,20 @@ def test_error_in_a_real_process_has_no_traceback(runs: dict[str, subprocess.Com
     assert result.stdout == ""
 
 
-def test_prompt_longer_than_the_block(run_main, hf_dir: Path) -> None:
+def test_prompt_longer_than_the_block(hf_dir: Path) -> None:
     prompt = " ".join(["hello"] * (BLOCK + 6))
     code, _, err = run_main("generate", "--pretrained", str(hf_dir), "--device", "cpu", "--prompt", prompt)
     assert_one_line_error(code, err, 2, "the prompt is 70 tokens", "block size (64)")
 
 
-def test_prompt_exactly_the_block_is_fine(run_main, hf_dir: Path) -> None:
+def test_prompt_exactly_the_block_is_fine(hf_dir: Path) -> None:
     args = ["--device", "cpu", "--num-samples", "1", "--max-new-tokens", "3", "--prompt", "hello" + " hello" * 63]
     code, out, err = run_main("generate", "--pretrained", str(hf_dir), *args)
     assert code == 0, err
     assert samples(out)[0].startswith("hello hello")
 
 
-def test_max_length_smaller_than_the_prompt(run_main, hf_dir: Path) -> None:
+def test_max_length_smaller_than_the_prompt(hf_dir: Path) -> None:
     code, _, err = run_main("generate", "--pretrained", str(hf_dir), "--device", "cpu", "--max-length", "5")
     assert_one_line_error(code, err, 2, "--max-length 5", "8-token prompt")
 
@@ -267,7 +244,7 @@ def test_max_length_smaller_than_the_prompt(run_main, hf_dir: Path) -> None:
         (["--dtype", "float16"], "float16 is not supported on the CPU"),
     ],
 )
-def test_bad_flags(run_main, hf_dir: Path, flags: list[str], fragment: str) -> None:
+def test_bad_flags(hf_dir: Path, flags: list[str], fragment: str) -> None:
     device = [] if "--device" in flags else ["--device", "cpu"]
     code, out, err = run_main("generate", "--pretrained", str(hf_dir), *device, *flags)
     assert_one_line_error(code, err, 2, fragment)
@@ -275,7 +252,7 @@ def test_bad_flags(run_main, hf_dir: Path, flags: list[str], fragment: str) -> N
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_absent_cuda_device(run_main, hf_dir: Path) -> None:
+def test_absent_cuda_device(hf_dir: Path) -> None:
     code, _, err = run_main("generate", "--pretrained", str(hf_dir), "--device", "cuda")
     assert_one_line_error(code, err, 2, "no CUDA GPU is available", "--device cpu")
 
@@ -289,7 +266,7 @@ def test_absent_cuda_device(run_main, hf_dir: Path) -> None:
         ["generate", "--pretrained", "gpt2", "--dtype", "float8"],
     ],
 )
-def test_argument_errors(run_main, args: list[str]) -> None:
+def test_argument_errors(args: list[str]) -> None:
     code, _, err = run_main(*args)
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -315,7 +292,7 @@ def test_library_refuses_a_model_of_another_vocabulary(other_vocabulary_dir: Pat
         next(stream_text(model, PROMPT, SamplingConfig(num_samples=1)))
 
 
-def test_stream_seeds_wrap_at_the_end_of_the_range(run_main, hf_dir: Path, model: GPT) -> None:
+def test_stream_seeds_wrap_at_the_end_of_the_range(hf_dir: Path, model: GPT) -> None:
     """Streamed sample i is seeded with seed + i: past 2**64 - 1 that starts again at 0 instead of crashing."""
     args = ["--device", "cpu", "--dtype", "float32", "--stream", "--num-samples", "2", "--max-new-tokens", "3"]
     args += ["--seed", str(2**64 - 1)]

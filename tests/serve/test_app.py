@@ -8,7 +8,6 @@ one: disconnects and 429s), and one that is stopped with SIGTERM while it has re
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, run_cli, skip_without
+from conftest import REPO, assert_one_line_error, child_env, run_cli, skip_without
 
 from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.config import GPTConfig
@@ -48,7 +47,7 @@ class Server:
         self.log = log
         command = [sys.executable, "-m", "gpt2scratch", "serve", "--pretrained", str(model_dir), "--port", "0",
                    "--device", "cpu", *flags]  # fmt: skip
-        full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", **(env or {})}
+        full_env = child_env({"OMP_NUM_THREADS": "1", **(env or {})})
         with log.open("w") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env)
         self.url = ""

@@ -168,7 +168,8 @@ def test_bad_second_file_fails_without_a_partial_cache(tmp_path: Path) -> None:
 
 
 def test_cache_tokenizes_once_and_again_for_changed_input(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Through the function the CLI calls; test_train.py checks that a second ``train.py`` run does not tokenize."""
+    """Through the function the CLI calls; training/test_loop.py checks that a second ``train.py`` run does not
+    tokenize."""
     source = tmp_path / "input.txt"
     source.write_text(SAMPLE_TEXT * 3, encoding="utf-8")
     caplog.set_level(logging.INFO, logger="gpt2scratch")

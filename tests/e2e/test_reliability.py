@@ -5,7 +5,6 @@ continue from where it stopped.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import resource
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, digest, run_cli, temporaries
+from conftest import SAMPLE_TEXT, TINY_TRAIN_FLAGS, child_env, digest, run_cli, temporaries
 
 from gpt2scratch.checkpoint.format import FORMAT_VERSION, read_checkpoint
 from gpt2scratch.training.rundir import FINAL_NAME, list_snapshots, snapshot_path
@@ -35,7 +34,7 @@ class Run:
     """``gpt2-scratch train ARGS`` in its own process, as a user starts it; its output is collected line by line."""
 
     def __init__(self, *args: str, cwd: Path, preexec_fn: Callable[[], Any] | None = None):
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "2"}
+        env = child_env({"OMP_NUM_THREADS": "2"})
         command = [sys.executable, "-m", "gpt2scratch", "train", *args]
         self.proc = subprocess.Popen(command, cwd=cwd, env=env, text=True, preexec_fn=preexec_fn,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip

@@ -9,7 +9,6 @@ The unit tests run FSDP in this process over a process group of one rank (the ``
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -18,11 +17,11 @@ import torch
 from conftest import (
     FSDP_FLAGS,
     ONE_THREAD,
-    REPO,
     TINY,
     assert_close_losses,
     assert_close_weights,
     assert_ran,
+    child_env,
     free_port,
     metrics,
     new_state,
@@ -201,11 +200,9 @@ def test_two_launchers_as_two_nodes_compute_what_one_launcher_computes(fsdp_runs
     options = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "two-nodes"]  # fmt: skip
     command = torchrun_command(options, *FSDP_FLAGS, "-B", "2", "--parallel", "fsdp", "--out-dir", str(out))
-    env = {"PYTHONPATH": str(REPO / "src"), **ONE_THREAD}
+    env = child_env(ONE_THREAD)
     nodes = [
-        subprocess.Popen(
-            command, cwd=fsdp_runs, env={**os.environ, **env}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        subprocess.Popen(command, cwd=fsdp_runs, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(2)
     ]
     for node in nodes:

@@ -1,4 +1,4 @@
-"""plot.py: ``gpt2-scratch plot`` and the ``loss.png`` a run leaves in its out dir."""
+"""training/plot.py: ``gpt2-scratch plot`` and the ``loss.png`` a run leaves in its out dir."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prepacked Linear layers for CPU inference (packing.py) against the plain model."""
+"""Prepacked Linear layers for CPU inference (ops/prepack.py) against the plain model."""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Exit code 2 is a usage error (a flag out of range or inconsistent), 1 a failure (missing or unreadable files, a
 checkpoint that does not fit). A user's mistake is never reported as an internal error.
+
+Most cases call ``gpt2scratch.cli.main`` in this process (``run_main``), which is all the console script does; those
+where a process of their own proves more start one (``run_cli``): see ``SUBPROCESS``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, RunsCommand, digest, run_cli
+from conftest import REPO, SAMPLE_TEXT, TINY_TRAIN_FLAGS, RunsCommand, digest, run_cli, run_main
 
 from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.config import GPTConfig
@@ -307,6 +310,13 @@ CASES.update(
 )
 
 
+# The cases run as real processes: every train.py form, and the console-script form of the cases that have both (the
+# program itself is what they test); the FIFOs (a regression that opened the pipe would block, and only a process can
+# be timed out). The others run in this process: a real process would prove nothing more.
+SUBPROCESS = {name for name, case in CASES.items() if "train.py" in case.forms}
+SUBPROCESS |= {"input-fifo", "resume-fifo", "generate-fifo"}
+
+
 def _params() -> list:
     params = []
     for name, (argv, code, message, forms) in CASES.items():
@@ -314,7 +324,8 @@ def _params() -> list:
             marks = ()
             if name == "device-cuda-absent":
                 marks = (pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present"),)
-            params.append(pytest.param(form, argv, code, message, id=f"{name}[{form}]", marks=marks))
+            process = form == "train.py" or name in SUBPROCESS
+            params.append(pytest.param(form, argv, code, message, process, id=f"{name}[{form}]", marks=marks))
     return params
 
 
@@ -323,9 +334,20 @@ def snapshot(trained_snapshot: Path) -> Path:
     return trained_snapshot
 
 
-@pytest.mark.parametrize(("form", "argv", "code", "message"), _params())
+def run(
+    *args: str, cwd: Path, process: bool, script: str | None = None, env: dict | None = None
+) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``gpt2-scratch ARGS`` (or ``python SCRIPT ARGS``) in ``cwd``: in a process of
+    its own if ``process``, else through ``cli.main`` in this one."""
+    if not process:
+        return run_main(*args, cwd=cwd, env=env)
+    result = run_cli(*args, cwd=cwd, timeout=120, script=script, env=env)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(("form", "argv", "code", "message", "process"), _params())
 def test_bad_input_is_one_line_and_an_exit_code(
-    form: str, argv: tuple[str, ...], code: int, message: str, snapshot: Path, tmp_path: Path
+    form: str, argv: tuple[str, ...], code: int, message: str, process: bool, snapshot: Path, tmp_path: Path
 ) -> None:
     for arg in argv:
         name = arg.split("/")[0]
@@ -333,14 +355,14 @@ def test_bad_input_is_one_line_and_an_exit_code(
             FILES[name](tmp_path / name, snapshot)
     args = argv[1:] if form == "train.py" else argv
     before = files_of(tmp_path)
-    result = run_cli(*args, cwd=tmp_path, timeout=120, script=FORMS[form])
-    output = result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    returncode, stdout, stderr = run(*args, cwd=tmp_path, process=process, script=FORMS[form])
+    output = stdout + stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
     assert "Traceback" not in output, output
-    assert "internal error" not in result.stderr, "a user's mistake reported as a bug of ours: " + result.stderr
-    assert len(lines) == 1, f"stderr should be one line:\n{result.stderr}"
+    assert "internal error" not in stderr, "a user's mistake reported as a bug of ours: " + stderr
+    assert len(lines) == 1, f"stderr should be one line:\n{stderr}"
     assert re.search(message, lines[0]), lines[0]
-    assert result.returncode == code, lines[0]
+    assert returncode == code, lines[0]
     assert not (tmp_path / "pwned").exists()
     after = files_of(tmp_path)
     assert {name: after.get(name) for name in before} == before, "a refused command changed or deleted a file"
@@ -374,17 +396,22 @@ ENV_CASES = {
 }
 
 
+# In a process of their own: OMP_NUM_THREADS is read by torch's OpenMP library as it loads, and no-rendezvous tries to
+# join a process group. The others are checked before anything distributed starts.
+ENV_SUBPROCESS = {"no-rendezvous", "omp-threads-not-a-number", "omp-threads-empty"}
+
+
 @pytest.mark.parametrize("case", list(ENV_CASES))
 def test_torchrun_variables_are_checked_in_one_line(case: str, snapshot: Path, tmp_path: Path) -> None:
     env, argv, code, message = ENV_CASES[case]
     for name in ("text.txt", "snap.pt"):
         FILES[name](tmp_path / name, snapshot)
-    result = run_cli(*argv, cwd=tmp_path, timeout=120, env=env)
-    assert "Traceback" not in result.stdout + result.stderr and "internal error" not in result.stderr, result.stderr
-    assert result.returncode == code, result.stderr
+    returncode, stdout, stderr = run(*argv, cwd=tmp_path, process=case in ENV_SUBPROCESS, env=env)
+    assert "Traceback" not in stdout + stderr and "internal error" not in stderr, stderr
+    assert returncode == code, stderr
     if code:
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and re.search(message, lines[0]), stderr
 
 
 def test_resuming_into_another_run_changes_none_of_its_files(snapshot: Path, tmp_path: Path) -> None:
@@ -395,8 +422,9 @@ def test_resuming_into_another_run_changes_none_of_its_files(snapshot: Path, tmp
     before = {p: digest(p) for p in victim.rglob("*") if p.is_file() and p.name != ".gpt2scratch.lock"}
     base = tmp_path / "base.pt"
     shutil.copyfile(snapshot, base)
-    result = run_cli(*RESUME[:-4], "--resume", str(base), "--max-steps", "8", "--out-dir", "victim",
-                     cwd=tmp_path, timeout=120)  # fmt: skip
-    assert result.returncode == 1 and "holds another run" in result.stderr, result.stderr
+    code, _, err = run_main(
+        *RESUME[:-4], "--resume", str(base), "--max-steps", "8", "--out-dir", "victim", cwd=tmp_path
+    )
+    assert code == 1 and "holds another run" in err, err
     after = {p: digest(p) for p in victim.rglob("*") if p.is_file() and p.name != ".gpt2scratch.lock"}
     assert after == before

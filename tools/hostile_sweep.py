@@ -2,9 +2,10 @@
 and signals against train, generate, export, eval, plot, prepare, consolidate and serve's start-up, and token shards,
 JSON lines and Parquet files as training input, each in a fresh directory with a tiny model on the CPU.
 
-Run by hand (pytest does not collect it; a full sweep takes tens of minutes on two cores):
+Run by hand from the repository's root (it is not part of the test suite; a full sweep takes tens of minutes on two
+cores):
 
-    PYTHONPATH=src python tests/hostile_sweep.py --out /tmp/sweep [--only REGEX] [--jobs 2]
+    PYTHONPATH=src python tools/hostile_sweep.py --out /tmp/sweep [--only REGEX] [--jobs 2]
 
 For each case it records the exit code, whether stderr holds a Traceback or "internal error", whether stderr is one
 line (an error) or empty (a success), whether a file that existed before (another run's, the source checkpoint)

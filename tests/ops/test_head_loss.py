@@ -1,4 +1,4 @@
-"""The fused head + cross-entropy of training (loss.py) against PyTorch's unfused path."""
+"""The fused head + cross-entropy of training (ops/head_loss.py) against PyTorch's unfused path."""
 
 from __future__ import annotations
 

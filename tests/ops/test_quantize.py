@@ -1,4 +1,4 @@
-"""Weight-only int8 inference (quantize.py): the arithmetic of one layer, and the quality of a trained model."""
+"""Weight-only int8 inference (ops/quantize.py): the arithmetic of one layer, and the quality of a trained model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""metrics.py: metrics.jsonl and the same records as TensorBoard events (``--tensorboard``)."""
+"""training/metrics.py: metrics.jsonl and the same records as TensorBoard events (``--tensorboard``)."""
 
 from __future__ import annotations
 

@@ -10,20 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import numpy_shard
 
 from gpt2scratch.data import shards
 from gpt2scratch.data.shards import ShardFiles, ShardLoader, ShardSet
 from gpt2scratch.errors import DataError
-
-
-def numpy_shard(path: Path, tokens: np.ndarray, magic: int = 20240520, version: int = 1, count: int | None = None):
-    """A shard as llm.c's fineweb.py writes one, with numpy alone (not our writer)."""
-    header = np.zeros(256, dtype=np.int32)
-    header[0], header[1], header[2] = magic, version, len(tokens) if count is None else count
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
-    return path
 
 
 def test_an_independently_written_shard_reads_back_exactly(tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ import torch
 from conftest import (
     FSDP_FLAGS,
     ONE_THREAD,
-    REPO,
     SAMPLE_TEXT,
     TINY_TRAIN_FLAGS,
     RunsCommand,
@@ -32,6 +31,7 @@ from conftest import (
     assert_close_weights,
     assert_one_line_error,
     assert_ran,
+    child_env,
     digest,
     free_port,
     metrics,
@@ -282,7 +282,7 @@ def test_kill_9_of_a_rank_during_a_sharded_snapshot_then_resume_auto(tmp_path: P
     out = tmp_path / "out"
     flags = [*TINY_TRAIN_FLAGS, "-B", "2", "--parallel", "fsdp", "--target-loss", "0", "--snapshot-interval", "1",
              "--keep-snapshots", "3", "--out-dir", str(out)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **ONE_THREAD}
+    env = child_env(ONE_THREAD)
     killed_mid_snapshot = False
     for attempt in range(3):  # a kill can land just after the rename: then that snapshot is complete, try again
         resume = ["--resume", "auto"] if attempt else []

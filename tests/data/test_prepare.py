@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, SAMPLE_TEXT, digest, skip_without, temporaries
+from conftest import SAMPLE_TEXT, child_env, digest, skip_without, temporaries
 
 from gpt2scratch.config.commands import PrepareConfig
 from gpt2scratch.data import documents, shards
@@ -289,7 +289,7 @@ def test_killed_prepare_run_again_writes_what_an_uninterrupted_run_writes(tmp_pa
     source = big_jsonl(tmp_path / "big.jsonl")
     flags = ["--shard-tokens", "50000", "--val-tokens", "12345", "--workers", "1", "--parallel", "threads"]
     command = [sys.executable, "-m", "gpt2scratch", "prepare", str(source), "--out", str(tmp_path / "killed"), *flags]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = child_env()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (tmp_path / "killed" / "train_000000.bin").exists():

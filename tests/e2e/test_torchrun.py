@@ -4,7 +4,6 @@ combined batch, writes its files once, and resumes."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,12 +17,12 @@ import torch
 import torch.distributed
 from conftest import (  # one thread per rank
     ONE_THREAD,
-    REPO,
     SAMPLE_TEXT,
     TINY_TRAIN_FLAGS,
     assert_close_losses,
     assert_close_weights,
     assert_ran,
+    child_env,
     metrics,
     torchrun,
     train_py,
@@ -110,7 +109,7 @@ def dropout_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_resume_with_dropout_under_torchrun_is_exact(dropout_runs: Path) -> None:
     """Bug: a snapshot holds rank 0's RNG state only, and only rank 0 restores it; every other rank restarts from
     ``seed + rank``, so after a resume its dropout masks repeat those of step 1 and the losses leave the straight
-    run's (one process resumes exactly: see test_train.py::test_resume_continues_exactly)."""
+    run's (one process resumes exactly: see training/test_loop.py::test_resume_continues_exactly)."""
     straight, resumed = metrics(dropout_runs / "straight"), metrics(dropout_runs / "resumed")
     assert [r["step"] for r in resumed] == [3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[2:]]
@@ -125,8 +124,8 @@ def test_a_rank_waiting_for_a_master_that_never_answers_stops_on_sigterm(tmp_pat
         master.bind(("127.0.0.1", 0))
         master.listen()
         master.settimeout(120)
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **ONE_THREAD, "WORLD_SIZE": "2", "RANK": "1",
-               "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master.getsockname()[1])}  # fmt: skip
+        env = child_env({**ONE_THREAD, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": str(master.getsockname()[1])})  # fmt: skip
         command = [sys.executable, "-m", "gpt2scratch", "train", *FLAGS, "--max-steps", "2"]
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)  # fmt: skip
