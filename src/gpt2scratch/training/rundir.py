@@ -1,5 +1,5 @@
-"""A run's out dir: where its files go, which snapshots it holds, retention, the lock, and the checks made before a
-run writes into it.
+"""A run's out dir: where its files go, which snapshots it holds, retention, and the checks made before a run writes
+into it (the lock that keeps a second run out is ``files.OutDirLock``).
 
 Layout, as the original script had it (by default the out dir is the directory the command runs in):
 ``snapshots/snapshot_step_N.pt`` (under --parallel fsdp, the directory ``snapshots/snapshot_step_N/``),
@@ -180,6 +180,3 @@ def refuse_to_resume_over(out_dir: Path, source: Path, step: int) -> None:
             f"{_place(out_dir)} holds a later point of this run ({newer}) that resuming step {step} there would "
             "prune or replace; resume into another --out-dir, or continue from the newest with --resume auto"
         )
-
-
-# END
