@@ -337,7 +337,7 @@ def train_flag_cases() -> list[Case]:
         "device-meta": ["--device", "meta"],
         "dtype-float16": ["--dtype", "float16"],
         "dtype-int8": ["--dtype", "int8"],
-        "lr-schedule-bogus": ["--lr-schedule", "linear"],
+        "lr-schedule-bogus": ["--lr-schedule", "step"],
         "data-bogus": ["--data", "tolstoy"],
         "data-and-input": ["--data", "shakespeare", "--input", "input.txt"],
         "allow-changed-empty": ["--allow-changed", ""],
@@ -373,6 +373,76 @@ def train_flag_cases() -> list[Case]:
         )
     )
     cases.append(Case("train flags", "train.py-bad-lr", [*TINY, "--lr", "-1"], text(), codes={2}, script=True))
+    return cases
+
+
+def run_file_cases() -> list[Case]:
+    """Issue 23: the recipe's flags, --config files (TOML or a checkpoint's settings), --recipe and --print-plan."""
+    cases = []
+    for flag in ("--batch-tokens", "--sample-interval"):
+        for value in ("-1", "0", "100", "99999999999999999999", "abc"):
+            cases.append(Case("run files", f"{flag}={value}", [*QUICK, flag, value], text()))
+    for flag in ("--adam-beta1", "--adam-beta2", "--adam-eps", "--decay-fraction", "--peak-flops"):
+        for value in ("-1", "0", "1", "nan", "inf", ""):
+            cases.append(Case("run files", f"{flag}={value}", [*QUICK, flag, value], text()))
+    schedules = {
+        "wsd-no-max-steps": ["--lr-schedule", "wsd", "--max-steps", "0"],
+        "linear-steps-1": ["--lr-schedule", "linear", "--max-steps", "1", "--warmup-steps", "5"],
+        "batch-tokens-vs-accum": ["--batch-tokens", "256", "--grad-accum", "3"],
+        "samples-every-step": ["--sample-interval", "1", "--max-steps", "2", "--target-loss", "0"],
+        "samples-huge-prompt": ["--sample-interval", "1", "--sample-prompt", "word " * 200],
+    }
+    for name, flags in schedules.items():
+        cases.append(Case("run files", name, [*QUICK, *flags], text()))
+    files: dict[str, Setup] = {
+        "empty": text("run.toml", ""),
+        "comment-only": text("run.toml", "# nothing\n"),
+        "not-toml": text("run.toml", "lr = = 1\n"),
+        "binary": text("run.toml", b"\xff\xfe\x00\x01" * 64),
+        "nuls": text("run.toml", b"\x00" * 4096),
+        "nested-deep": text("run.toml", "x = " + "[" * 50_000 + "]" * 50_000),
+        "inline-table-deep": text("run.toml", "x = " + "{a = " * 50_000 + "1" + "}" * 50_000),
+        "huge": text("run.toml", "# padding\n" * 300_000),
+        "unknown-key": text("run.toml", "learning_rate = 1e-3\n"),
+        "table": text("run.toml", "[optimizer]\nadam_beta2 = 0.95\n"),
+        "wrong-type": text("run.toml", 'max_steps = "ten"\n'),
+        "bool-for-int": text("run.toml", "max_steps = true\n"),
+        "int-beyond-64-bits": text("run.toml", "max_steps = 9223372036854775807\nseed = 99999999999999999\n"),
+        "float-nan": text("run.toml", "lr = nan\n"),
+        "recipe-inside": text("run.toml", 'recipe = "gpt2-124m"\n'),
+        "utf8-bom": text("run.toml", "\ufefflr = 1e-3\n"),
+        "unicode-key": text("run.toml", '"l\u0280" = 1e-3\n'),
+        "out-dir-empty": text("run.toml", 'out_dir = ""\n'),
+        "fifo": fifo("run.toml"),
+        "directory": lambda d, base: (d / "run.toml").mkdir(),
+        "snapshot": snap("run.toml"),
+        "snapshot-bad-args": checkpoint("run.toml", _set("train_args", {"lr": "x", "bogus": 1})),
+        "snapshot-no-args": checkpoint("run.toml", _drop("train_args")),
+        "snapshot-truncated": raw("run.toml", lambda b: b[: len(b) // 2]),
+        "pickle-evil": evil("run.toml", "raw"),
+        "torch-evil": evil("run.toml", "torch"),
+    }
+    for name, setup in files.items():
+        argv = [*QUICK, "--config", "run.toml"]
+        cases.append(Case("run files", f"config-{name}", argv, both(text(), setup), timeout=120))
+    cases.append(Case("run files", "config-missing", [*QUICK, "--config", "nope.toml"], text(), codes={2}))
+    cases.append(Case("run files", "config-dev-zero", [*QUICK, "--config", "/dev/zero"], text(), codes={2}))
+    cases.append(Case("run files", "config-empty-path", [*QUICK, "--config", ""], text(), codes={2}))
+    unreadable = both(text(), text("run.toml", "lr = 1e-3\n"), lambda d, base: (d / "run.toml").chmod(0))
+    cases.append(Case("run files", "config-unreadable", [*QUICK, "--config", "run.toml"], unreadable))
+    for name in ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m", "shakespeare"):
+        cases.append(Case("run files", f"print-plan-{name}", ["train", "--recipe", name, "--print-plan"], codes={0}))
+        cases.append(Case("run files", f"recipe-{name}-no-data", ["train", "--recipe", name, "--max-steps", "1",
+                                                                  "--device", "cpu", "--preset", "tiny"]))  # fmt: skip
+    for name, flags in {
+        "recipe-unknown": ["--recipe", "gpt5"],
+        "recipe-empty": ["--recipe", ""],
+        "recipe-path": ["--recipe", "../../etc/passwd"],
+        "print-plan-peak-zero": ["--print-plan", "--peak-flops", "0"],
+        "print-plan-unwritable-out": ["--print-plan", "--out-dir", "/proc/nope"],
+        "print-plan-missing-resume": ["--print-plan", "--resume", "nope.pt"],
+    }.items():
+        cases.append(Case("run files", name, ["train", *flags]))
     return cases
 
 
@@ -1796,6 +1866,7 @@ def shard_input_cases() -> list[Case]:
 def all_cases() -> list[Case]:
     return (
         train_flag_cases()
+        + run_file_cases()
         + generate_cases()
         + input_cases()
         + out_dir_cases()

@@ -167,3 +167,33 @@ def test_two_ranks_on_shards_compute_what_one_process_computes(shard_runs: Path)
     assert_close_weights(two / "snapshots" / "snapshot_step_5.pt", one / "snapshots" / "snapshot_step_5.pt")
     last = [torch.load(run / "snapshots" / "snapshot_step_5.pt", weights_only=True)["loader"] for run in (one, two)]
     assert last[0] == last[1] == {"shard": 1, "offset": 128, "epoch": 0}
+
+
+@pytest.fixture(scope="module")
+def batch_tokens_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """--batch-tokens 128 at -B 2 -T 16: one process to step 6 (4 micro-batches a step); two ranks to step 3 (2 each),
+    and that snapshot resumed on one process to step 6 with the same flags."""
+    cwd = tmp_path_factory.mktemp("batch_tokens")
+    (cwd / "input.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    flags = [*FLAGS, "-B", "2", "--batch-tokens", "128", "--snapshot-interval", "3"]
+    assert_ran(train_py(*flags, "--max-steps", "6", "--out-dir", "one", cwd=cwd))
+    assert_ran(torchrun(*flags, "--max-steps", "3", "--out-dir", "two", cwd=cwd))
+    snapshot = cwd / "two" / "snapshots" / "snapshot_step_3.pt"
+    assert_ran(train_py(*flags, "--max-steps", "6", "--resume", str(snapshot), "--out-dir", "resumed", cwd=cwd))
+    return cwd
+
+
+def test_the_same_batch_tokens_on_two_processes_is_the_one_process_run(batch_tokens_runs: Path) -> None:
+    cwd = batch_tokens_runs
+    one, two = metrics(cwd / "one"), metrics(cwd / "two")
+    assert_close_losses(two, one[:3])
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one[:3]] == [128, 256, 384]
+    saved = torch.load(cwd / "two" / "snapshots" / "snapshot_step_3.pt", weights_only=True)
+    assert (saved["train_args"]["grad_accum"], saved["metadata"]["world_size"]) == (2, 2)
+
+
+def test_a_two_process_batch_tokens_run_resumes_on_one_as_the_same_run(batch_tokens_runs: Path) -> None:
+    cwd = batch_tokens_runs
+    resumed = metrics(cwd / "resumed")
+    assert_close_losses(resumed, metrics(cwd / "one")[3:])
+    assert resumed[0]["changed_on_resume"] == {"grad_accum": [2, 4], "world_size": [2, 1]}  # recorded, not refused

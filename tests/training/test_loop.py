@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ from conftest import (
     metrics,
     numpy_shard,
     run_cli,
+    run_main,
     tiny_config,
     train_py,
 )
@@ -490,3 +492,170 @@ def test_resume_on_shards_equals_the_run_never_stopped(
     assert [s["epoch"] for s in states] == [0] * 8 + [1] * 3
     assert len({s["shard"] for s in states}) == 3
     assert load(resumed / "snapshots" / "snapshot_step_11.pt")["loader"] == states[-1]
+
+
+# ---- issue 23: the GPT-2 recipe's optimizer, a batch in tokens, schedules, samples and MFU during training ----
+
+RECIPE_FLAGS = ["--adam-beta1", "0.9", "--adam-beta2", "0.95", "--adam-eps", "1e-8", "--weight-decay", "0.1",
+                "--grad-clip", "1.0", "--lr-schedule", "cosine", "--warmup-steps", "5", "--min-lr", "3e-4",
+                "--max-steps", "30", "--target-loss", "0", "--snapshot-interval", "0"]  # fmt: skip
+
+
+def plain_pytorch_losses(cfg: TrainConfig, tokens: list[int], steps: int) -> list[float]:
+    """The run ``cfg`` describes, as a plain PyTorch loop written here: torch.optim.AdamW (not fused) on the two
+    groups (matrices decayed, the rest not), the cosine formula with its warm-up, clipping at 1.0, and consecutive
+    B x T windows of ``tokens`` that start again from the beginning when the next would not fit."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model_config())
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=False, foreach=False)
+    data, B, T, position, losses = torch.tensor(tokens), cfg.batch_size, cfg.seq_len, 0, []
+    for step in range(steps):
+        if step < 5:
+            lr = cfg.lr * (step + 1) / 5
+        else:
+            lr = 3e-4 + 0.5 * (1 + math.cos(math.pi * (step - 5) / (30 - 5))) * (cfg.lr - 3e-4)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        window = data[position : position + B * T + 1]
+        position = 0 if position + 2 * B * T + 1 > len(data) else position + B * T
+        logits, _ = model(window[:-1].view(B, T))
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), window[1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_training_equals_a_plain_pytorch_loop_step_by_step(tmp_path: Path, in_process: None) -> None:
+    make_input(tmp_path)
+    cfg = config_here(tmp_path, *RECIPE_FLAGS)
+    train(cfg)
+    ours = [r["loss"] for r in metrics(tmp_path / "out")]
+    plain = plain_pytorch_losses(cfg, encode(SAMPLE_TEXT * 3), 30)
+    assert len(ours) == 30
+    assert ours == pytest.approx(plain, abs=1e-5)
+    assert ours[-1] < ours[0] - 1  # it learned: not two runs that both stood still
+
+
+def test_batch_tokens_equals_the_explicit_grad_accum_run_loss_for_loss(tmp_path: Path, in_process: None) -> None:
+    make_input(tmp_path)
+    losses = {}
+    for name, flags in (("tokens", ["--batch-tokens", "128"]), ("accum", ["--grad-accum", "4"])):
+        cfg = config_here(tmp_path, "-B", "2", *flags, "--max-steps", "4", "--target-loss", "0",
+                          "--snapshot-interval", "4")  # fmt: skip
+        train(dataclasses.replace(cfg, out_dir=str(tmp_path / name)))
+        losses[name] = [r["loss"] for r in metrics(tmp_path / name)]
+        assert [r["tokens"] for r in metrics(tmp_path / name)] == [128, 256, 384, 512]
+    assert losses["tokens"] == losses["accum"]
+    saved = torch.load(tmp_path / "tokens" / "snapshots" / "snapshot_step_4.pt", weights_only=True)
+    assert (saved["train_args"]["batch_tokens"], saved["train_args"]["grad_accum"]) == (128, 4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (
+            ["--batch-tokens", "100"],
+            "--batch-tokens 100 is not a multiple of -B x -T = 64 tokens; nearest valid: 64 or 128",
+        ),
+        (["--batch-tokens", "32"], "nearest valid: 64"),
+        (["--batch-tokens", "256", "--grad-accum", "3"], "not a multiple of -B x -T x --grad-accum = 192 tokens"),
+        (
+            ["--batch-tokens", "256", "--grad-accum", "2"],
+            "--grad-accum 2 disagrees with --batch-tokens 256, which needs 4",
+        ),
+    ],
+)
+def test_a_batch_in_tokens_that_does_not_divide_is_one_line(tmp_path: Path, flags: list[str], fragment: str) -> None:
+    make_input(tmp_path)
+    code, _, err = run_main("train", *TINY_TRAIN_FLAGS, *flags, "--max-steps", "1", cwd=tmp_path)
+    assert_one_line_error(code, err, 2, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear", "wsd"])
+def test_each_schedule_s_rates_in_a_run_are_its_formula(schedule: str, tmp_path: Path, in_process: None) -> None:
+    make_input(tmp_path)
+    flags = ["--lr-schedule", schedule, "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "3", "--max-steps", "12",
+             "--decay-fraction", "0.5", "--target-loss", "0", "--snapshot-interval", "0"]  # fmt: skip
+    train(config_here(tmp_path, *flags))
+    rates = [r["lr"] for r in metrics(tmp_path / "out")]
+
+    def formula(s: int) -> float:  # the rate of step s (0-based); a record's step is s + 1
+        if s < 3:
+            return 1e-3 * (s + 1) / 3
+        done = (s - 3) / 9
+        return {
+            "constant": 1e-3,
+            "cosine": 1e-4 + 0.5 * (1 + math.cos(math.pi * done)) * 9e-4,
+            "linear": 1e-3 - 9e-4 * done,
+            "wsd": 1e-3 if s < 6 else 1e-3 - 9e-4 * (s - 6) / 6,
+        }[schedule]  # decay: the last 6 of 12
+
+    assert rates == pytest.approx([formula(s) for s in range(12)], rel=1e-12)
+
+
+def test_wsd_resumed_mid_decay_continues_the_same_rates(tmp_path: Path, in_process: None) -> None:
+    make_input(tmp_path)
+    flags = ["--lr-schedule", "wsd", "--warmup-steps", "2", "--max-steps", "16", "--decay-fraction", "0.5",
+             "--min-lr", "0", "--target-loss", "0", "--snapshot-interval", "11", "--keep-snapshots", "0"]  # fmt: skip
+    train(config_here(tmp_path, *flags))
+    snapshot = tmp_path / "out" / "snapshots" / "snapshot_step_11.pt"  # three steps into the decay (from step 8)
+    resumed = dataclasses.replace(config_here(tmp_path, *flags, "--resume", str(snapshot)), out_dir=str(tmp_path / "b"))
+    train(resumed)
+    straight = metrics(tmp_path / "out")
+    again = metrics(tmp_path / "b")
+    assert [r["step"] for r in again] == list(range(12, 17))
+    assert [r["lr"] for r in again] == [r["lr"] for r in straight[11:]]
+    assert [r["loss"] for r in again] == [r["loss"] for r in straight[11:]]
+    assert straight[8]["lr"] == straight[2]["lr"] > straight[9]["lr"] > straight[15]["lr"] > 0  # decay from step 8
+
+
+def test_samples_appear_at_the_intervals_and_change_nothing(
+    tmp_path: Path, in_process: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_input(tmp_path)
+    flags = ["--max-steps", "7", "--target-loss", "0", "--snapshot-interval", "0", "--dropout", "0.1"]
+    train(config_here(tmp_path, *flags, "--sample-interval", "3", "--sample-prompt", "First Citizen:"))
+    records = metrics(tmp_path / "out")
+    sampled = [r for r in records if "samples" in r]
+    assert [r["step"] for r in sampled] == [3, 6]
+    for record in sampled:
+        assert len(record["samples"]) == 5 and all(s.startswith("First Citizen:") for s in record["samples"])
+        assert f"samples at step {record['step']}:\n> {record['samples'][0]}" in caplog.text
+    assert sampled[0]["samples"] != sampled[1]["samples"]  # from the model as it was at each step
+    train(dataclasses.replace(config_here(tmp_path, *flags), out_dir=str(tmp_path / "plain")))
+    assert [r["loss"] for r in metrics(tmp_path / "plain")] == [r["loss"] for r in records]  # dropout's RNG untouched
+
+
+def test_mfu_is_logged_and_shown_with_a_peak(
+    tmp_path: Path, in_process: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_input(tmp_path)
+    train(config_here(tmp_path, "--max-steps", "3", "--target-loss", "0", "--peak-flops", "1e12"))
+    records = metrics(tmp_path / "out")
+    tiny = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))  # TINY_TRAIN_FLAGS' shape
+    counted = sum(p.numel() for p in tiny.parameters()) - 64 * 32  # the position embeddings are not multiplied
+    per_token = 6 * counted + 12 * 2 * 32 * 16  # 6N + 12LCT, T = 16
+    for record in records:
+        assert record["mfu"] == pytest.approx(per_token * record["tokens_per_sec"] / 1e12, abs=1e-4, rel=1e-3)
+    assert f"MFU {records[-1]['mfu']:.1%}" in caplog.text
+    train(dataclasses.replace(config_here(tmp_path, "--max-steps", "1"), out_dir=str(tmp_path / "cpu")))
+    assert "mfu" not in metrics(tmp_path / "cpu")[0]  # a CPU's peak is not known: no figure rather than a guess
+
+
+def test_a_run_repeats_from_its_snapshot_s_settings(trained_snapshot: Path, tmp_path: Path, in_process: None) -> None:
+    from gpt2scratch.cli.dispatch import build_parser, command_config
+
+    args = build_parser().parse_args(["train", "--config", str(trained_snapshot), "--out-dir", str(tmp_path / "again")])
+    _, cfg = command_config(args)
+    original = torch.load(trained_snapshot, weights_only=True)["train_args"]
+    assert {**cfg.to_dict(), "out_dir": None, "config": None} == {**original, "out_dir": None, "config": None}
+    train(cfg)
+    losses = [r["loss"] for r in metrics(tmp_path / "again")]
+    assert len(losses) == 2 and losses == [r["loss"] for r in metrics(trained_snapshot.parent.parent)]

@@ -118,3 +118,30 @@ def test_a_resumed_log_drops_what_is_not_text_and_keeps_its_steps(tmp_path: Path
     log.write({"step": 3, "loss": 6.5})
     log.close()
     assert [(r["step"], r["loss"]) for r in metrics(tmp_path)] == [(1, 9.0), (2, 8.0), (3, 6.5)]
+
+
+@skip_without("tensorboard")
+def test_samples_are_text_and_mfu_a_scalar_in_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", tensorboard=tmp_path / "tensorboard")
+    log.write({**RECORDS[0], "mfu": 0.375, "samples": ["Hello, I'm a language model, and\nmore", "Hello, I'm"]})
+    log.write(RECORDS[1])
+    log.close()
+    assert scalars(tmp_path / "tensorboard")["train/mfu"] == [(1, 0.375)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    [tag] = [t for t in events.Tags()["tensors"] if t.startswith("samples")]
+    [event] = events.Tensors(tag)
+    text = event.tensor_proto.string_val[0].decode()
+    assert (
+        event.step == 1 and "    Hello, I'm a language model, and\n    more" in text and text.endswith("    Hello, I'm")
+    )
+    assert metrics(tmp_path)[0]["samples"][1] == "Hello, I'm"
+
+
+def test_the_progress_line_shows_mfu_when_it_is_known() -> None:
+    from gpt2scratch.training.metrics import progress_line
+
+    assert "| MFU 37.5% |" in progress_line({**RECORDS[0], "mfu": 0.375}, 1.0, 1, 10)
+    assert "MFU" not in progress_line(RECORDS[0], 1.0, 1, 10)

@@ -144,3 +144,56 @@ def test_no_warmup_starts_at_lr(schedule: str) -> None:
     cfg = TrainConfig(lr=LR, min_lr=MIN_LR, lr_schedule=schedule, warmup_steps=0, max_steps=100)
     assert lr_at(0, cfg) == pytest.approx(LR)
     assert lr_at(1, cfg) <= LR
+
+
+# ---- issue 23: linear and warm-up-stable-decay; each schedule as its formula ----
+
+
+def expected_lr(step: int, schedule: str, warmup: int, max_steps: int, fraction: float = 0.2) -> float:
+    """Each schedule's rate, written out here from its definition (README, training/optim.py's docstring)."""
+    if step < warmup:
+        return LR * (step + 1) / warmup
+    done = min(1.0, (step - warmup) / (max_steps - warmup))
+    if schedule == "constant":
+        return LR
+    if schedule == "cosine":
+        return MIN_LR + (LR - MIN_LR) * (1 + math.cos(math.pi * done)) / 2
+    if schedule == "linear":
+        return LR - (LR - MIN_LR) * done
+    decay_steps = round(fraction * max_steps)
+    start = max(warmup, max_steps - decay_steps)
+    return LR if step < start else LR - (LR - MIN_LR) * min(1.0, (step - start) / (max_steps - start))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear", "wsd"])
+@pytest.mark.parametrize(("warmup", "max_steps", "fraction"), [(0, 40, 0.2), (5, 40, 0.2), (3, 17, 0.5), (2, 10, 1.0)])
+def test_every_schedule_follows_its_formula_at_every_step(
+    schedule: str, warmup: int, max_steps: int, fraction: float
+) -> None:
+    cfg = TrainConfig(lr=LR, min_lr=MIN_LR, lr_schedule=schedule, warmup_steps=warmup, max_steps=max_steps,
+                      decay_fraction=fraction)  # fmt: skip
+    for step in range(max_steps + 3):
+        assert lr_at(step, cfg) == pytest.approx(expected_lr(step, schedule, warmup, max_steps, fraction)), step
+
+
+def test_wsd_holds_the_peak_then_decays_over_the_last_fraction() -> None:
+    cfg = TrainConfig(lr=LR, min_lr=MIN_LR, lr_schedule="wsd", warmup_steps=10, max_steps=100, decay_fraction=0.2)
+    assert all(lr_at(s, cfg) == LR for s in range(9, 81))  # stable from the warm-up's end to the decay's start
+    assert lr_at(90, cfg) == pytest.approx((LR + MIN_LR) / 2)
+    assert lr_at(100, cfg) == pytest.approx(MIN_LR) and lr_at(99, cfg) > MIN_LR
+    decay = [lr_at(s, cfg) for s in range(80, 101)]
+    steps = [a - b for a, b in itertools.pairwise(decay)]
+    assert steps == pytest.approx([steps[0]] * len(steps))  # a straight line
+
+
+def test_linear_is_a_straight_line_from_lr_to_min_lr() -> None:
+    cfg = TrainConfig(lr=LR, min_lr=MIN_LR, lr_schedule="linear", warmup_steps=0, max_steps=50)
+    assert lr_at(0, cfg) == LR and lr_at(25, cfg) == pytest.approx((LR + MIN_LR) / 2)
+    assert lr_at(50, cfg) == pytest.approx(MIN_LR) and lr_at(75, cfg) == pytest.approx(MIN_LR)
+
+
+def test_adam_settings_reach_the_optimizer() -> None:
+    optimizer = make_optimizer(small_model(), lr=1e-3, betas=(0.85, 0.95), eps=1e-7)
+    assert all(g["betas"] == (0.85, 0.95) and g["eps"] == 1e-7 for g in optimizer.param_groups)
+    default = make_optimizer(small_model())
+    assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 for g in default.param_groups)  # torch's, as before

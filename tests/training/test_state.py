@@ -224,3 +224,48 @@ def test_another_global_batch_on_another_number_of_processes_is_refused() -> Non
         check_identity(TrainConfig(batch_size=2), saved_run(2, 1, 2), Path("s"), World(), None, set())
     allowed = check_identity(TrainConfig(batch_size=2), saved_run(2, 1, 2), Path("s"), World(), None, {"world_size"})
     assert allowed == {"world_size": [2, 1]}
+
+
+# ---- issue 23: AdamW's settings are part of the run ----
+
+
+def test_another_adam_setting_is_refused_on_resume_unless_allowed() -> None:
+    saved = {"train_args": TrainConfig(adam_beta2=0.95).to_dict(), "metadata": {"world_size": 1}}
+    refused = r"--adam-beta2 0\.999, the checkpoint's 0\.95; .*--allow-changed adam_beta2"
+    with pytest.raises(UsageError, match=refused):
+        check_identity(TrainConfig(), saved, Path("s"), World(), None, set())
+    assert check_identity(TrainConfig(adam_beta2=0.95), saved, Path("s"), World(), None, set()) == {}
+    changes = check_identity(TrainConfig(adam_eps=1e-6, adam_beta2=0.95), saved, Path("s"), World(), None, {"adam_eps"})
+    assert changes == {"adam_eps": [1e-8, 1e-6]}
+
+
+def test_a_checkpoint_from_before_the_adam_settings_trained_with_torch_s_defaults() -> None:
+    args = {k: v for k, v in TrainConfig().to_dict().items() if not k.startswith("adam_")}
+    saved = {"train_args": args, "metadata": {"world_size": 1}}
+    assert check_identity(TrainConfig(), saved, Path("s"), World(), None, set()) == {}
+    with pytest.raises(UsageError, match=r"--adam-beta2 0\.95, the checkpoint's 0\.999"):
+        check_identity(TrainConfig(adam_beta2=0.95), saved, Path("s"), World(), None, set())
+
+
+def test_the_decay_fraction_is_the_run_s_only_under_wsd() -> None:
+    def saved(cfg: TrainConfig) -> dict:
+        return {"train_args": cfg.to_dict(), "metadata": {"world_size": 1}}
+
+    cosine = TrainConfig(lr_schedule="cosine", max_steps=10)
+    assert check_identity(TrainConfig(lr_schedule="cosine", max_steps=10, decay_fraction=0.5), saved(cosine), Path("s"),
+                          World(), None, set()) == {}  # fmt: skip
+    wsd = TrainConfig(lr_schedule="wsd", max_steps=10)
+    with pytest.raises(UsageError, match=r"--decay-fraction 0\.5, the checkpoint's 0\.2"):
+        check_identity(TrainConfig(lr_schedule="wsd", max_steps=10, decay_fraction=0.5), saved(wsd), Path("s"),
+                       World(), None, set())  # fmt: skip
+
+
+def test_the_optimizer_is_made_with_the_run_s_adam_settings() -> None:
+    from gpt2scratch.training.optim import optimizer_for
+
+    state = new_state(0)
+    cfg = TrainConfig(adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-6, weight_decay=0.1, lr=1e-3)
+    optimizer = optimizer_for(state.model, cfg)
+    for group in optimizer.param_groups:
+        assert (group["betas"], group["eps"], group["lr"]) == ((0.8, 0.95), 1e-6, 1e-3)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]

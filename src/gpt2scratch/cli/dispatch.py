@@ -18,10 +18,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gpt2scratch import __version__
 from gpt2scratch.cli.console import Terminal
-from gpt2scratch.cli.flags import Parser, add_flags, from_args
+from gpt2scratch.cli.flags import Parser, add_flags, from_args, given
 from gpt2scratch.config import (
     ConsolidateConfig,
     EvalConfig,
@@ -39,18 +40,20 @@ from gpt2scratch.signals import ignore_stop_signals, stopping_at_once
 @dataclass(frozen=True)
 class Command:
     """A row of the dispatch table: ``run`` is ``"module:function"``, called with the filled dataclass and a
-    Console; ``many_processes`` if torchrun may start it as several."""
+    Console; ``many_processes`` if torchrun may start it as several; ``settings``, where files can hold the
+    command's settings, the ``"module:function"`` that reads them from the flags given (the flags override them)."""
 
     name: str
     config: type
     help: str
     run: str
     many_processes: bool = False
+    settings: str | None = None
 
 
 COMMANDS = (
     Command("train", TrainConfig, "train on a text file until the target loss", "gpt2scratch.training.command:run",
-            many_processes=True),
+            many_processes=True, settings="gpt2scratch.training.settings:from_files"),
     Command("generate", GenerateConfig, "sample text from a checkpoint or GPT-2 weights",
             "gpt2scratch.inference.command:run"),
     Command("export", ExportConfig, "write a checkpoint as a transformers model directory",
@@ -103,8 +106,7 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
     """Run the parsed command; a user's error becomes one line on stderr and its exit code."""
     try:
         # The command's dataclass first: a bad flag is refused at once, before the second that importing torch takes.
-        command = next(row for row in COMMANDS if row.name == args.command)
-        cfg = from_args(command.config, args)
+        command, cfg = command_config(args)
         _check_thread_count()
         from gpt2scratch.distributed.world import World, from_env
 
@@ -115,8 +117,7 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
             stream=sys.stdout,
             force=True,
         )
-        module, _, function = command.run.partition(":")
-        getattr(importlib.import_module(module), function)(cfg, Terminal())
+        _function(command.run)(cfg, Terminal())
         return 0
     except Interrupted as err:
         ignore_stop_signals()  # nothing is left to stop: a further Ctrl-C must not turn exit 130 into a death by signal
@@ -144,6 +145,20 @@ def _run(args: argparse.Namespace, raw: list[str]) -> int:
             raise
         print(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def command_config(args: argparse.Namespace) -> tuple[Command, Any]:
+    """The row of the command ``args`` name, and its dataclass filled: the flags given over the settings of the
+    files they name (a recipe, a --config file), over the defaults. UsageError for a bad flag or file."""
+    command = next(row for row in COMMANDS if row.name == args.command)
+    files = _function(command.settings)(given(args)) if command.settings else {}
+    return command, from_args(command.config, args, files)
+
+
+def _function(name: str) -> Any:
+    """The function a ``"module:function"`` of the table names, its module imported now."""
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _check_thread_count() -> None:

@@ -1,6 +1,9 @@
 """Flags from dataclasses: one flag per field of a command's dataclass, with its type, default and help, and the
 dataclass filled back from the parsed flags. The only way flags are made, so a dataclass, its ``--help`` and its
-validation never drift apart."""
+validation never drift apart.
+
+The parsed namespace holds only the flags given on the command line (every default is ``argparse.SUPPRESS``), so
+that they can be laid over settings from a file; the dataclass fills in its own defaults for the rest."""
 
 from __future__ import annotations
 
@@ -49,22 +52,30 @@ def add_flags(parser: argparse.ArgumentParser, command: Any) -> None:
             target = groups[group]
         flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
         if kind is bool:
-            target.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
+            target.add_argument(*flags, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         shown = "" if f.default is None or required else f" (default: {f.default})"
         target.add_argument(
-            *flags, dest=f.name, type=kind, default=None if required else f.default, required=required,
+            *flags, dest=f.name, type=kind, default=argparse.SUPPRESS, required=required,
             choices=f.metadata.get("choices"), help=help_text + shown,
         )  # fmt: skip
 
 
-def from_args(command: Callable[..., T], args: argparse.Namespace) -> T:
-    """The dataclass ``command`` filled from parsed flags; building it validates it (UsageError)."""
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given on the command line, by field name."""
+    return {name: value for name, value in vars(args).items() if name not in ("command", "debug")}
+
+
+def from_args(command: Callable[..., T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
+    """The dataclass ``command`` filled from parsed flags, laid over ``base`` (settings from a file), over the
+    dataclass's defaults; building it validates it (UsageError)."""
     hints = typing.get_type_hints(command)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(base or {})
     for f in dataclasses.fields(command):  # type: ignore[arg-type]
         kind = _field_type(hints[f.name])
-        nested = dataclasses.is_dataclass(kind)
-        values[f.name] = from_args(kind, args) if nested else getattr(args, f.name)
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = from_args(typing.cast(type, kind), args)
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
     return command(**values)

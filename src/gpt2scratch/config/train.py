@@ -10,15 +10,34 @@ from typing import Any
 
 from gpt2scratch.config.fields import TRAIN_DTYPES, flag, option, refuse_beyond_64_bits, refuse_empty
 from gpt2scratch.config.model import PRESETS, GPTConfig, preset
+from gpt2scratch.config.runfile import RECIPES
 from gpt2scratch.errors import UsageError
 
 MAX_SEED = 2**63 - 1 - 4096  # torch seeds are 64-bit; training adds the rank to the seed
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run is told. Field names are the CLI flags (``batch_size`` -> ``--batch-size``)."""
+    """Everything a training run is told. Field names are the CLI flags (``batch_size`` -> ``--batch-size``) and the
+    keys of a ``--config`` file or a recipe (config/runfile.py)."""
 
+    recipe: str | None = field(
+        default=None,
+        metadata=option(
+            "start from a shipped recipe: " + ", ".join(RECIPES) + " (see README); --config and flags override it"
+        ),
+    )
+    config: str | None = field(
+        default=None,
+        metadata=option(
+            "a TOML file of training settings by field name (adam_beta2 = 0.95), or a snapshot whose settings to "
+            "repeat; flags given here override it"
+        ),
+    )
+    print_plan: bool = field(
+        default=False, metadata=option("print the resolved settings and the plan (tokens, FLOPs, time), then exit")
+    )
     input: str | None = field(
         default=None,
         metadata=option(
@@ -49,11 +68,29 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata=option("sequences per micro-batch (per process)", "-B", "--batch-size"))
     seq_len: int = field(default=32, metadata=option("tokens per sequence", "-T", "--seq-len"))
     grad_accum: int = field(default=1, metadata=option("micro-batches per optimizer step"))
+    batch_tokens: int | None = field(
+        default=None,
+        metadata=option(
+            "tokens per optimizer step over all processes (e.g. 524288); sets --grad-accum from -B, -T and the "
+            "number of processes"
+        ),
+    )
     lr: float = field(default=3e-4, metadata=option("peak learning rate"))
-    min_lr: float = field(default=0.0, metadata=option("final learning rate of the cosine schedule"))
-    lr_schedule: str = field(default="constant", metadata=option("constant or cosine", choices=("constant", "cosine")))
+    min_lr: float = field(default=0.0, metadata=option("final learning rate of a decaying schedule"))
+    lr_schedule: str = field(
+        default="constant",
+        metadata=option(
+            "constant; cosine or linear from --lr to --min-lr over --max-steps; wsd: --lr held, then linear to "
+            "--min-lr over the last --decay-fraction of --max-steps (all after --warmup-steps)",
+            choices=SCHEDULES,
+        ),
+    )
+    decay_fraction: float = field(default=0.2, metadata=option("the share of --max-steps that wsd decays over"))
     warmup_steps: int = field(default=0, metadata=option("linear warm-up steps"))
     weight_decay: float = field(default=0.01, metadata=option("AdamW weight decay, on matrices only"))
+    adam_beta1: float = field(default=0.9, metadata=option("AdamW beta1 (GPT-2 recipes: 0.9)"))
+    adam_beta2: float = field(default=0.999, metadata=option("AdamW beta2 (GPT-2 recipes: 0.95)"))
+    adam_eps: float = field(default=1e-8, metadata=option("AdamW epsilon"))
     grad_clip: float = field(default=0.0, metadata=option("clip the gradient norm to this (0: off)"))
     target_loss: float = field(default=0.099999, metadata=option("stop when a step's loss is at or below this"))
     max_steps: int | None = field(default=None, metadata=option("stop after this many steps (default: no limit)"))
@@ -76,6 +113,13 @@ class TrainConfig:
     )
     device: str = field(default="auto", metadata=option("auto, cpu, cuda, cuda:N or mps"))
     dtype: str = field(default="auto", metadata=option("auto, float32, bfloat16 or float16", choices=TRAIN_DTYPES))
+    peak_flops: float | None = field(
+        default=None,
+        metadata=option(
+            "the device's peak FLOP/s in this dtype, for MFU (e.g. 989e12 for an H100's bf16); default: looked up "
+            "by GPU name"
+        ),
+    )
     compile: bool = field(default=False, metadata=option("torch.compile the model (costs ~20-30 s of warm-up)"))
     parallel: str = field(
         default="ddp",
@@ -93,8 +137,11 @@ class TrainConfig:
     tensorboard: bool = field(
         default=False, metadata=option("also write the metrics as TensorBoard events to tensorboard/")
     )
+    sample_interval: int = field(
+        default=0, metadata=option("steps between samples during training, printed and logged (0: only at the end)")
+    )
     sample_prompt: str = field(
-        default="Hello, I'm a language model,", metadata=option("prompt for the samples after training")
+        default="Hello, I'm a language model,", metadata=option("prompt for the samples during and after training")
     )
     no_sample: bool = field(default=False, metadata=option("do not print samples after training"))
     no_plot: bool = field(default=False, metadata=option("do not draw loss.png when the run ends"))
@@ -108,11 +155,13 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"{flag(name, TrainConfig)} must be a positive integer, got {getattr(self, name)}")
-        for name in ("max_tokens", "max_steps", "n_layer", "n_head", "n_embd", "block_size", "hellaswag_limit"):
+        for name in (
+            "max_tokens", "max_steps", "n_layer", "n_head", "n_embd", "block_size", "hellaswag_limit", "batch_tokens"
+        ):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"{flag(name, TrainConfig)} must be a positive integer, got {value}")
-        for name in ("snapshot_interval", "keep_snapshots", "warmup_steps"):
+        for name in ("snapshot_interval", "keep_snapshots", "warmup_steps", "sample_interval"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{flag(name, TrainConfig)} must be zero or positive, got {getattr(self, name)}")
         if not (self.lr > 0 and self.lr < 10):
@@ -129,7 +178,7 @@ class TrainConfig:
             )
         if math.isnan(self.target_loss):
             raise UsageError(f"--target-loss must be a number, got {self.target_loss}")
-        refuse_empty(self, "input", "hellaswag", "resume", "init_from", "allow_changed")
+        refuse_empty(self, "input", "hellaswag", "resume", "init_from", "allow_changed", "config")
         if not self.text_field:
             raise UsageError("--text-field must not be empty; give the field that holds the text (default: text)")
         if not 0 <= self.val_fraction < 1:
@@ -144,8 +193,7 @@ class TrainConfig:
             raise UsageError(f"--dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise UsageError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise UsageError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        self._validate_optimizer()
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # now, not after tokenizing
             raise UsageError('--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"')
         refuse_beyond_64_bits(self)
@@ -154,6 +202,44 @@ class TrainConfig:
             raise UsageError(
                 f"-T/--seq-len ({self.seq_len}) is larger than the model's block size ({model.block_size})"
             )
+        if self.batch_tokens is not None:  # the part of the check that needs no number of processes, now
+            unit = self.batch_size * self.seq_len * self.grad_accum
+            _refuse_indivisible(self.batch_tokens, unit, "-B x -T" + (" x --grad-accum" if self.grad_accum > 1 else ""))
+
+    def _validate_optimizer(self) -> None:
+        """The schedule, AdamW's settings, the recipe's name and the peak FLOP/s."""
+        if self.lr_schedule not in SCHEDULES:
+            raise UsageError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_schedule in ("linear", "wsd") and self.max_steps is None:
+            raise UsageError(f"--lr-schedule {self.lr_schedule} decays over the run: give --max-steps")
+        if not 0 < self.decay_fraction <= 1:
+            raise UsageError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"{flag(name, TrainConfig)} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.adam_eps < math.inf:
+            raise UsageError(f"--adam-eps must be a positive number, got {self.adam_eps}")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise UsageError(f"--recipe: no recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
+        if self.peak_flops is not None and not 0 < self.peak_flops < math.inf:
+            raise UsageError(f"--peak-flops must be a positive number of FLOP/s (e.g. 989e12), got {self.peak_flops}")
+
+    def for_world(self, world_size: int) -> TrainConfig:
+        """This config on ``world_size`` processes: with --batch-tokens, --grad-accum becomes the tokens per step
+        over -B x -T x processes. UsageError, naming the nearest valid values, where that does not divide or
+        disagrees with a --grad-accum given beside it."""
+        if self.batch_tokens is None:
+            return self
+        per_micro = self.batch_size * self.seq_len * world_size
+        where = f"-B x -T x {world_size} process{'es' if world_size > 1 else ''}"
+        _refuse_indivisible(self.batch_tokens, per_micro, where)
+        accum = self.batch_tokens // per_micro
+        if self.grad_accum not in (1, accum):
+            raise UsageError(
+                f"--grad-accum {self.grad_accum} disagrees with --batch-tokens {self.batch_tokens:,}, which needs "
+                f"{accum} with {where}; give one of them"
+            )
+        return dataclasses.replace(self, grad_accum=accum)
 
     def model_config(self) -> GPTConfig:
         """The preset with any --n-layer/--n-head/--n-embd/--block-size overrides applied."""
@@ -167,3 +253,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _refuse_indivisible(tokens: int, unit: int, what: str) -> None:
+    """UsageError naming the nearest valid values unless ``tokens`` (--batch-tokens) is a multiple of ``unit``."""
+    if tokens % unit:
+        below = tokens // unit * unit
+        nearest = " or ".join(f"{n:,}" for n in (below, below + unit) if n > 0)
+        raise UsageError(
+            f"--batch-tokens {tokens:,} is not a multiple of {what} = {unit:,} tokens; nearest valid: {nearest}"
+        )

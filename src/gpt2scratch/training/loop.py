@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from gpt2scratch.checkpoint import sharded
@@ -27,22 +26,22 @@ from gpt2scratch.checkpoint.load import read_state
 from gpt2scratch.config import GPTConfig, TrainConfig
 from gpt2scratch.config.commands import SamplingConfig
 from gpt2scratch.data.corpus import Progress, load_corpus, make_loader
-from gpt2scratch.data.shards import ShardSet
 from gpt2scratch.device import autocast, check_model_fits, configure_matmul, keep_freed_memory, pick_device, pick_dtype
 from gpt2scratch.distributed import parallelize as parallel
 from gpt2scratch.distributed import world as distributed
 from gpt2scratch.distributed.world import World
 from gpt2scratch.errors import CheckpointError, Interrupted, TrainingDiverged, UsageError
-from gpt2scratch.eval.scoring import Choice, multiple_choice, read_choices
+from gpt2scratch.eval.scoring import read_choices
 from gpt2scratch.files import OutDirLock, check_free_space
 from gpt2scratch.inference.text import prompt_ids
 from gpt2scratch.model import GPT
 from gpt2scratch.signals import StopSignals
 from gpt2scratch.tokenizer import check_vocabulary
-from gpt2scratch.training import plot, rundir
+from gpt2scratch.training import flops, plot, rundir
 from gpt2scratch.training.checkpoints import Checkpoints
+from gpt2scratch.training.evaluate import evaluate_now, sample_interval, samples_now
 from gpt2scratch.training.metrics import MetricsLog, progress_line
-from gpt2scratch.training.optim import lr_at, make_optimizer
+from gpt2scratch.training.optim import lr_at, optimizer_for
 from gpt2scratch.training.state import TrainState, allowed_changes, check_identity
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,7 @@ def train(
     are one-line messages.
     """
     world = world or World()
+    cfg = cfg.for_world(world.size)  # --batch-tokens: the accumulation of this number of processes
     out_dir = Path(cfg.out_dir)
     device = distributed.init(world, pick_device(cfg.device))
     dtype = pick_dtype(cfg.dtype, device)
@@ -126,7 +126,7 @@ def set_up(
     state = TrainState(
         cfg=cfg,
         model=model,
-        optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay),
+        optimizer=optimizer_for(model, cfg),
         scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),  # bf16 needs no scaling
         loader=make_loader(
             corpus.train, cfg.batch_size, cfg.seq_len, world.rank, world.size, cfg.seed if cfg.shuffle_shards else None
@@ -175,8 +175,8 @@ def find_resume(cfg: TrainConfig, world: World, weights: bool = True) -> tuple[P
 
 
 def check_before_training(cfg: TrainConfig, model: GPT) -> None:
-    """What would otherwise fail only after training: the sample prompt, and the disk space of one checkpoint."""
-    if not cfg.no_sample:
+    """What would otherwise fail only after some training: the sample prompt, and the disk space of one checkpoint."""
+    if not cfg.no_sample or cfg.sample_interval:
         prompt_ids(model, cfg.sample_prompt, SamplingConfig())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     check_free_space(Path(cfg.out_dir), 3 * weights)  # weights and AdamW's two moments, in fp32
@@ -228,6 +228,8 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
     first_step = state.step
     questions = read_choices(cfg.hellaswag, cfg.hellaswag_limit) if cfg.hellaswag and evaluates else None
     note = {"changed_on_resume": state.changes[-1]["changed"]} if state.changes else {}  # on the first record
+    utilization = flops.Utilization(state)
+    samples = sample_interval(state, sharded_model)
     try:
         while cfg.max_steps is None or state.step < cfg.max_steps:
             started = time.perf_counter()
@@ -242,11 +244,14 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
                 "tokens": state.step * state.tokens_per_step,
                 "tokens_per_sec": round(state.tokens_per_step / (time.perf_counter() - started), 1),
                 "elapsed": round(time.perf_counter() - state.started, 3),  # seconds since training started
+                **utilization.of(state.tokens_per_step / (time.perf_counter() - started)),
                 **note,
             }
             note = {}
             if evaluates and state.step % cfg.eval_interval == 0:
                 record.update(evaluate_now(state, questions))
+            if samples and state.step % samples == 0:
+                record["samples"] = samples_now(state)
             metrics.write(record)
             evaluated = "val_loss" in record or "hellaswag_acc" in record
             if world.is_main and (state.step % cfg.log_interval == 0 or evaluated):
@@ -309,33 +314,6 @@ def agree(
             f"{last_snapshot or 'none'}; lower --lr or set --grad-clip 1.0"
         )
     return mean_loss, stopping
-
-
-def evaluate_now(state: TrainState, questions: list[Choice] | None) -> dict[str, float]:
-    """The validation loss and the multiple-choice accuracy, whichever this run measures, for the metrics record."""
-    results = {}
-    if state.corpus.val is not None:
-        results["val_loss"] = round(validation_loss(state.model, state.corpus.val, state), 6)
-    if questions is not None:
-        scored = multiple_choice(state.model, questions, state.cfg.batch_size, state.dtype)
-        results.update(hellaswag_acc=round(scored.acc, 6), hellaswag_acc_norm=round(scored.acc_norm, 6))
-    state.model.train()
-    return results
-
-
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, tokens: np.ndarray | ShardSet, state: TrainState) -> float:
-    """Mean loss over the first ``eval_batches`` windows of the validation tokens (or shards)."""
-    cfg = state.cfg
-    loader = make_loader(tokens, cfg.batch_size, cfg.seq_len)
-    model.eval()
-    total = torch.zeros((), device=state.device)
-    for _ in range(cfg.eval_batches):
-        x, y = loader.next_batch()
-        with autocast(state.device, state.dtype):
-            _, loss = model(x.to(state.device), y.to(state.device), return_logits=False)
-        total += loss
-    return total.item() / cfg.eval_batches
 
 
 def finish(state: TrainState, checkpoints: Checkpoints) -> TrainResult:

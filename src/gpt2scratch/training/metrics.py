@@ -13,6 +13,7 @@ TENSORBOARD_TAGS = {
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
     "tokens_per_sec": "train/tokens_per_sec",
+    "mfu": "train/mfu",
     "val_loss": "val/loss",
     "hellaswag_acc_norm": "val/hellaswag_acc_norm",
 }
@@ -47,6 +48,9 @@ class MetricsLog:
             for key, tag in TENSORBOARD_TAGS.items():
                 if key in record:
                     self._writer.add_scalar(tag, record[key], record["step"])
+            if "samples" in record:  # as text, one block a sample (TensorBoard shows it as Markdown)
+                blocks = ["    " + text.replace("\n", "\n    ") for text in record["samples"]]
+                self._writer.add_text("samples", "\n\n".join(blocks), record["step"])
             self._writer.flush()  # a run being watched shows each step, as metrics.jsonl does
 
     def close(self) -> None:
@@ -64,11 +68,14 @@ def _step_of(line: str) -> float:
 
 
 def progress_line(record: dict[str, Any], elapsed: float, steps_done: int, max_steps: int | None) -> str:
-    """The live line: step, loss, lr, tokens/s, elapsed, the ETA when ``max_steps`` is set, the validation loss."""
+    """The live line: step, loss, lr, tokens/s, elapsed, MFU where the peak is known, the ETA when ``max_steps`` is
+    set, the validation loss and accuracy when measured."""
     line = (
         f"step {record['step']:>6} | loss {record['loss']:.6f} | lr {record['lr']:.2e} | "
         f"{record['tokens_per_sec']:>8.1f} tok/s | {clock(elapsed)} elapsed"
     )
+    if "mfu" in record:
+        line += f" | MFU {record['mfu']:.1%}"
     if max_steps is not None:
         line += f" | ETA {clock(elapsed / max(1, steps_done) * (max_steps - record['step']))}"
     if "val_loss" in record:

@@ -45,7 +45,11 @@ IDENTITY = {
     "min_lr": "--min-lr",
     "lr_schedule": "--lr-schedule",
     "warmup_steps": "--warmup-steps",
+    "decay_fraction": "--decay-fraction",
     "weight_decay": "--weight-decay",
+    "adam_beta1": "--adam-beta1",
+    "adam_beta2": "--adam-beta2",
+    "adam_eps": "--adam-eps",
     "grad_clip": "--grad-clip",
     "dropout": "--dropout",
     "seed": "--seed",
@@ -60,10 +64,19 @@ IDENTITY = {
 BATCH_SPLIT = ("batch_size", "grad_accum", "world_size")
 
 
+# What versions before these settings existed trained with: their checkpoints' train_args lack them.
+FIXED_BEFORE = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}
+
+
 def run_identity(args: dict[str, Any], input_sha256: str | None, world_size: int | None) -> dict[str, Any]:
     """The identity of a run from its flags (``TrainConfig.to_dict()``, or a checkpoint's ``train_args``), the
-    sha256 of its input and its number of processes. Values a checkpoint does not record are None (not compared)."""
+    sha256 of its input and its number of processes. Values a checkpoint does not record are None (not compared),
+    but for the settings that were fixed before they could be set; --decay-fraction counts only under wsd."""
     values = {name: args.get(name) for name in IDENTITY}
+    if args:
+        values.update({name: value for name, value in FIXED_BEFORE.items() if name not in args})
+    if args.get("lr_schedule") != "wsd":
+        values["decay_fraction"] = None
     values.update(input=input_sha256, world_size=world_size)
     return values
 
