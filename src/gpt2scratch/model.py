@@ -138,6 +138,7 @@ class GPT(nn.Module):
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf, 2017), as GPT-2 does
+        self.head_rows = config.vocab_size  # rows of the output head's matmul: see pad_head
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale the weights of residual projections by 1/sqrt(N), N = 2 per block
         # (attention and MLP each add to the residual stream once).
@@ -163,6 +164,20 @@ class GPT(nn.Module):
         from gpt2scratch.checkpoint.load import load_model  # weight formats live apart from the architecture
 
         return load_model(cls, source)
+
+    def pad_head(self, rows: int) -> None:
+        """Compute the output head over ``rows`` >= vocab_size rows: the tied weight with zero rows after GPT-2's
+        50,257, a shape GPU matmuls prefer (50,304 = 786 x 64). The padded logits are cut off before any loss or
+        output, so the loss, the logits, the gradients and the weights (and every file) are those of the unpadded
+        model; the padding exists only inside the matmul."""
+        assert rows >= self.config.vocab_size
+        self.head_rows = rows
+
+    def head_weight(self) -> torch.Tensor:
+        """The output head's weight, (head_rows, C): the token embedding, padded with zero rows if asked."""
+        weight = self.lm_head.weight
+        extra = self.head_rows - weight.size(0)
+        return F.pad(weight, (0, 0, 0, extra)) if extra > 0 else weight
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters, the tied embedding/head counted once; without wpe if ``non_embedding``."""
@@ -192,9 +207,10 @@ class GPT(nn.Module):
         x = self.transformer(idx, cache)  # (B, T, C); a cache checks that its positions stay within the block
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        V = self.config.vocab_size
         if targets is not None and not return_logits:
-            return None, head_loss(x, self.lm_head.weight, targets)
-        logits = self.lm_head(x)  # (B, T, V)
+            return None, head_loss(x, self.head_weight(), targets, vocab_size=V)
+        logits = self.lm_head(x) if self.head_rows == V else F.linear(x, self.head_weight())[..., :V]  # (B, T, V)
         loss = None
         if targets is not None:
             # The loss in fp32 whatever the compute dtype: bf16 logits lose too much in the log-sum-exp.

@@ -9,6 +9,7 @@ half-written file under a final name. What a training checkpoint holds is ``Trai
 from __future__ import annotations
 
 import contextlib
+import functools
 import pickle
 import threading
 import warnings
@@ -19,6 +20,7 @@ from typing import IO, Any, cast
 import torch
 
 from gpt2scratch.checkpoint.direct_io import AlignedBuffer
+from gpt2scratch.checkpoint.staging import HostStaging
 from gpt2scratch.config import GPTConfig
 from gpt2scratch.errors import CheckpointError, ConfigError, OutDirError
 from gpt2scratch.files import FREE_SPACE_HINT, check_free_space, replace_atomically, write_failure_reason
@@ -79,20 +81,34 @@ def all_finite(model: torch.nn.Module | Iterable[torch.Tensor]) -> bool:
 class CheckpointWriter:
     """Writes checkpoints on a background thread, one at a time, so training does not wait for the disk.
 
-    ``submit`` serializes the state into memory before returning (training may change the tensors afterwards); if
-    the previous write is still going it waits for it first, so two writes never race. A failed write is raised by
-    the next ``submit`` or ``wait``. ``after_write`` runs on the writer's thread once a file is in place (retention).
+    ``submit`` takes what it needs of the state before returning (training may change the tensors afterwards): it
+    serializes the state into a reused in-memory buffer, or, with ``stage_on_host`` (GPUs), only queues copies of
+    its tensors into reused pinned host buffers and leaves the serialization to the writer's thread. If the previous
+    write is still going it waits for it first, so two writes never race (``busy`` says whether one is going, for a
+    caller that would rather not wait). A failed write is raised by the next ``submit`` or ``wait``.
+    ``after_write`` runs on the writer's thread once a file is in place (retention).
     """
 
-    def __init__(self, after_write: Callable[[], None] | None = None, space_hint: str = FREE_SPACE_HINT):
+    def __init__(
+        self,
+        after_write: Callable[[], None] | None = None,
+        space_hint: str = FREE_SPACE_HINT,
+        stage_on_host: bool = False,
+    ):
         self._after_write = after_write
         self._space_hint = space_hint  # what to do when the disk is too full, for the message
         self._thread: threading.Thread | None = None
         self._buffer = AlignedBuffer()
+        self._staging = HostStaging() if stage_on_host else None
         self._error: BaseException | None = None
 
+    @property
+    def busy(self) -> bool:
+        """Whether a write is in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, state: dict[str, Any], path: Path, background: bool = True, checksums: bool = False) -> None:
-        """Serialize ``state`` now and write it to ``path`` (in the background unless ``background`` is False).
+        """Take ``state`` now and write it to ``path`` (in the background unless ``background`` is False).
 
         ``checksums``: torch's CRC-32 of every record, worth its CPU time for a final model kept for long, not for
         periodic snapshots that are replaced within minutes.
@@ -101,6 +117,20 @@ class CheckpointWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         nbytes = state_nbytes(state)
         check_free_space(path.parent, nbytes, self._space_hint)  # fail now, not ten steps later
+        if background and self._staging is not None:
+            staged, copied = self._staging.stage(state)
+            work = functools.partial(self._serialize_and_write, staged, copied, path, nbytes)
+        else:
+            self._serialize(state, path, nbytes, checksums)
+            work = functools.partial(self._write, path, nbytes)
+        if not background:
+            work()
+            self.wait()
+            return
+        self._thread = threading.Thread(target=work, name="snapshot-writer", daemon=True)
+        self._thread.start()
+
+    def _serialize(self, state: dict[str, Any], path: Path, nbytes: int, checksums: bool = False) -> None:
         try:
             self._buffer.reset(nbytes + nbytes // 64 + (1 << 20))  # + the pickle and the zip records
             with _crc32(checksums):
@@ -108,12 +138,18 @@ class CheckpointWriter:
         except (RuntimeError, MemoryError) as err:
             reason = write_failure_reason(err)
             raise OutDirError(f"could not serialize {path.name} in memory ({reason}); nothing was written") from err
-        if not background:
-            self._write(path, nbytes)
-            self.wait()
+
+    def _serialize_and_write(
+        self, staged: dict[str, Any], copied: torch.cuda.Event | None, path: Path, nbytes: int
+    ) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()  # the host copies queued by submit are done
+            self._serialize(staged, path, nbytes)
+        except BaseException as err:  # handed to the training thread by wait()
+            self._error = err
             return
-        self._thread = threading.Thread(target=self._write, args=(path, nbytes), name="snapshot-writer", daemon=True)
-        self._thread.start()
+        self._write(path, nbytes)
 
     def _write(self, path: Path, nbytes: int) -> None:
         try:
@@ -133,11 +169,13 @@ class CheckpointWriter:
             raise err
 
     def close(self) -> None:
-        """Wait for the last write and free the serialization buffer."""
+        """Wait for the last write and free the buffers."""
         try:
             self.wait()
         finally:
             self._buffer.release()
+            if self._staging is not None:
+                self._staging.release()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

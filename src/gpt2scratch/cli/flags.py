@@ -56,9 +56,10 @@ def add_flags(parser: argparse.ArgumentParser, command: Any) -> None:
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         shown = "" if f.default is None or required else f" (default: {f.default})"
+        optional_value = {"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}
         target.add_argument(
             *flags, dest=f.name, type=kind, default=argparse.SUPPRESS, required=required,
-            choices=f.metadata.get("choices"), help=help_text + shown,
+            choices=f.metadata.get("choices"), help=help_text + shown, **optional_value,
         )  # fmt: skip
 
 

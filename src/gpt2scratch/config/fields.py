@@ -15,13 +15,14 @@ from gpt2scratch.errors import UsageError
 TRAIN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 INFERENCE_DTYPES = (*TRAIN_DTYPES, "float64")  # float64: exact comparisons (tests), never fast
 QUANTIZE = ("none", "int8")
+SWITCH = ("auto", "on", "off")  # an optimization: on, off, or as the device and the run call for
 QUANTIZE_HELP = "int8: weights stored in int8 (one scale per output channel), computed in --dtype; CPU only"
 
 
 def option(help: str, *flags: str, **extra: Any) -> dict[str, Any]:
     """Field metadata for the CLI: the help text and, when not derived from the name, the flags. ``extra`` may hold
     ``choices``, ``group`` (one of the fields of a group is required, and only one), ``positional`` and, for a
-    positional list, ``nargs``."""
+    positional list, ``nargs``, and ``const``: the value of the flag given without one (``--compile`` is on)."""
     return {"help": help, "flags": flags, **extra}
 
 

@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from gpt2scratch.config.fields import SWITCH
 from gpt2scratch.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -70,7 +71,8 @@ def read_settings(path: Path, command: type, what: str | None = None) -> dict[st
 def check_settings(table: dict[str, Any], command: type, what: str) -> dict[str, Any]:
     """``table`` (key -> value) as field values of ``command``; UsageError naming the first bad key."""
     hints = typing.get_type_hints(command)
-    names = [f.name for f in dataclasses.fields(command) if f.name not in NOT_IN_FILES]
+    fields = {f.name: f for f in dataclasses.fields(command)}
+    names = [name for name in fields if name not in NOT_IN_FILES]
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in names:
@@ -79,6 +81,9 @@ def check_settings(table: dict[str, Any], command: type, what: str) -> dict[str,
             close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
             hint = f"; did you mean {close[0]}?" if close else " (keys are the flags' names, with underscores)"
             raise UsageError(f"{what}: unknown setting {key!r}{hint}")
+        switch = fields[key].metadata.get("choices") == SWITCH
+        if switch and type(value) is bool:  # compile = true: a switch's on or off
+            value = "on" if value else "off"
         values[key] = _typed(value, _scalar(hints[key]), f"{what}: {key}")
     return values
 

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpt2scratch.config.fields import TRAIN_DTYPES, flag, option, refuse_beyond_64_bits, refuse_empty
+from gpt2scratch.config.fields import SWITCH, TRAIN_DTYPES, flag, option, refuse_beyond_64_bits, refuse_empty
 from gpt2scratch.config.model import PRESETS, GPTConfig, preset
 from gpt2scratch.config.runfile import RECIPES
 from gpt2scratch.errors import UsageError
@@ -103,6 +103,15 @@ class TrainConfig:
     hellaswag_limit: int | None = field(default=None, metadata=option("score only the first N of --hellaswag"))
     snapshot_interval: int = field(default=10, metadata=option("steps between snapshots (0: none)"))
     keep_snapshots: int = field(default=3, metadata=option("keep the newest K snapshots (0: keep all)"))
+    defer_snapshots: str = field(
+        default="auto",
+        metadata=option(
+            "when a snapshot falls due while the previous one is still being written, take it once that write ends "
+            "instead of waiting for it: auto (on CUDA, where the GPU must not wait for the disk; off elsewhere, "
+            "where snapshots stay at exact multiples of --snapshot-interval), on or off",
+            choices=SWITCH,
+        ),
+    )
     resume: str | None = field(default=None, metadata=option("continue from a snapshot or final model, or 'auto'"))
     allow_changed: str | None = field(
         default=None,
@@ -120,7 +129,23 @@ class TrainConfig:
             "by GPU name"
         ),
     )
-    compile: bool = field(default=False, metadata=option("torch.compile the model (costs ~20-30 s of warm-up)"))
+    compile: str = field(
+        default="auto",
+        metadata=option(
+            "torch.compile the model: auto (on for CUDA runs long enough to repay its ~30-60 s of warm-up, off on "
+            "CPUs and MPS), on (also as a bare --compile) or off",
+            choices=SWITCH,
+            const="on",
+        ),
+    )
+    pad_vocab: str = field(
+        default="auto",
+        metadata=option(
+            "compute the output head over the vocabulary padded to a multiple of 64 (50,304 rows), which GPU "
+            "matmuls prefer; the padded logits are never used and every file keeps 50,257: auto (on CUDA), on, off",
+            choices=SWITCH,
+        ),
+    )
     parallel: str = field(
         default="ddp",
         metadata=option(
@@ -147,6 +172,8 @@ class TrainConfig:
     no_plot: bool = field(default=False, metadata=option("do not draw loss.png when the run ends"))
 
     def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # the flag was a switch before auto: True/False in older train_args
+            self.compile = "on" if self.compile else "off"
         self.validate()
 
     def validate(self) -> None:
@@ -219,6 +246,9 @@ class TrainConfig:
                 raise UsageError(f"{flag(name, TrainConfig)} must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.adam_eps < math.inf:
             raise UsageError(f"--adam-eps must be a positive number, got {self.adam_eps}")
+        for name in ("compile", "pad_vocab", "defer_snapshots"):
+            if getattr(self, name) not in SWITCH:
+                raise UsageError(f"{flag(name, TrainConfig)} must be auto, on or off, got {getattr(self, name)!r}")
         if self.recipe is not None and self.recipe not in RECIPES:
             raise UsageError(f"--recipe: no recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
         if self.peak_flops is not None and not 0 < self.peak_flops < math.inf:

@@ -37,9 +37,11 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
-def parallelize(model: GPT, cfg: TrainConfig, world: World, device: torch.device, dtype: torch.dtype) -> GPT:
+def parallelize(
+    model: GPT, cfg: TrainConfig, world: World, device: torch.device, dtype: torch.dtype, compiled: bool = False
+) -> GPT:
     """Activation checkpointing if asked, then, with --parallel fsdp and several processes, FSDP2 in place (with
-    --compile each block is compiled before it is sharded). Call before the optimizer is made; returns ``model``."""
+    ``compiled`` each block is compiled before it is sharded). Call before the optimizer is made; returns ``model``."""
     if cfg.activation_checkpointing:
         for block in model.transformer.h:
             recompute_in_backward(block)
@@ -49,7 +51,7 @@ def parallelize(model: GPT, cfg: TrainConfig, world: World, device: torch.device
                 "--parallel fsdp does not train in float16 (its gradient scaler would need every rank's shard); "
                 "use --dtype bfloat16 or float32"
             )
-        shard(model, world, device, dtype, compile_blocks=cfg.compile)
+        shard(model, world, device, dtype, compile_blocks=compiled)
     return model
 
 

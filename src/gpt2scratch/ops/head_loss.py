@@ -18,18 +18,23 @@ import torch.nn.functional as F
 ROWS_PER_SLICE = 32  # 32 x 50257 fp32 values = 6.4 MB: fits a CPU's L3 cache
 
 
-def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+def head_loss(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1, vocab_size: int | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of the logits ``x @ weight.T`` against ``targets``, in fp32.
 
-    ``x`` (..., C) and ``targets`` (...) are flattened to N rows; ``weight`` is (V, C). Under autocast the matmuls
-    run in autocast's dtype, as ``nn.Linear`` would; targets equal to ``ignore_index`` do not count. Fused on CPUs
-    in fp32 and bf16; elsewhere this is the plain ``F.cross_entropy`` of the logits.
+    ``x`` (..., C) and ``targets`` (...) are flattened to N rows; ``weight`` is (V, C), or (Vp, C) padded with rows
+    past ``vocab_size`` whose logits do not count (``GPT.pad_head``). Under autocast the matmuls run in autocast's
+    dtype, as ``nn.Linear`` would; targets equal to ``ignore_index`` do not count. Fused on CPUs in fp32 and bf16;
+    elsewhere, and for a padded weight, this is the plain ``F.cross_entropy`` of the logits.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if vocab_size is not None and weight.size(0) > vocab_size:  # padded (a GPU's shape): the real columns only
+        return F.cross_entropy((x @ weight.t())[:, :vocab_size].float(), targets, ignore_index=ignore_index)
     if x.device.type != "cpu" or x.dtype == torch.float16:
         # GPUs: slices of 32 rows would be thousands of small kernel launches. fp16: training scales the loss
         # (GradScaler) so that small gradients survive fp16, and a gradient stored in fp16 during forward, before

@@ -37,7 +37,7 @@ from gpt2scratch.inference.text import prompt_ids
 from gpt2scratch.model import GPT
 from gpt2scratch.signals import StopSignals
 from gpt2scratch.tokenizer import check_vocabulary
-from gpt2scratch.training import flops, plot, rundir
+from gpt2scratch.training import fast, flops, plot, rundir
 from gpt2scratch.training.checkpoints import Checkpoints
 from gpt2scratch.training.evaluate import evaluate_now, sample_interval, samples_now
 from gpt2scratch.training.metrics import MetricsLog, progress_line
@@ -76,6 +76,7 @@ def train(
     device = distributed.init(world, pick_device(cfg.device))
     dtype = pick_dtype(cfg.dtype, device)
     configure_matmul(device)
+    fast.configure_cuda(device)
     if device.type == "cpu":
         keep_freed_memory()
     lock = OutDirLock(out_dir)
@@ -122,7 +123,12 @@ def set_up(
     model = initial_model(cfg, resume).to(device)
     if world.is_main:
         check_before_training(cfg, model)
-    model = parallel.parallelize(model, cfg, world, device, dtype)  # FSDP shards it: before the optimizer sees it
+    speed = fast.choose(cfg, device)
+    if speed.pad.on:
+        model.pad_head(fast.padded(model.config.vocab_size))
+    if world.is_main:
+        log.info("%s", speed)
+    model = parallel.parallelize(model, cfg, world, device, dtype, speed.compile.on)  # FSDP shards: before AdamW
     state = TrainState(
         cfg=cfg,
         model=model,
@@ -135,6 +141,7 @@ def set_up(
         world=world,
         device=device,
         dtype=dtype,
+        speed=speed,
     )
     torch.manual_seed(cfg.seed + world.rank)  # dropout differs between ranks
     if resume is not None:
@@ -218,13 +225,10 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
     out_dir = Path(cfg.out_dir)
     sharded_model = parallel.is_sharded(state.model)
     wrapped = parallel.wrap(state.model, world, state.device)  # DDP with several processes, else the model
-    forward = torch.compile(wrapped) if cfg.compile and not sharded_model else wrapped  # FSDP: compiled per block
-    if cfg.compile:
-        log.info("compiling the model (the first step takes ~20-30 s longer)")
-    checkpoints = Checkpoints(out_dir, cfg.keep_snapshots, world, sharded=sharded_model)
+    forward = fast.CompiledOrEager(wrapped) if state.speed.compile.on and not sharded_model else wrapped
+    checkpoints = Checkpoints.of_run(state, sharded_model)
     evaluates = world.is_main or sharded_model  # under FSDP a forward pass needs every rank
-    tensorboard = out_dir / rundir.TENSORBOARD_DIR if cfg.tensorboard else None
-    metrics = MetricsLog(out_dir / rundir.METRICS_NAME if world.is_main else None, state.step, tensorboard)
+    metrics = MetricsLog.of_run(out_dir, state.step, cfg.tensorboard, world.is_main)
     first_step = state.step
     questions = read_choices(cfg.hellaswag, cfg.hellaswag_limit) if cfg.hellaswag and evaluates else None
     note = {"changed_on_resume": state.changes[-1]["changed"]} if state.changes else {}  # on the first record
@@ -235,7 +239,7 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg)
             loss, grad_norm = train_step(state, wrapped, forward, lr)
-            state.loss, stopping = agree(loss, stop.requested is not None, state, checkpoints.last)
+            state.loss, stopping, writing = agree(loss, stop.requested, checkpoints, state)
             record = {
                 "step": state.step,
                 "loss": round(state.loss, 6),
@@ -260,8 +264,7 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
                 )
             if state.loss <= cfg.target_loss:
                 break
-            if cfg.snapshot_interval and state.step % cfg.snapshot_interval == 0:
-                checkpoints.save(state)
+            checkpoints.due(state, writing)
             if stopping:
                 checkpoints.save(state, background=False)
                 distributed.barrier(world)
@@ -269,6 +272,8 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
         return finish(state, checkpoints)
     finally:
         metrics.close()
+        if world.is_main and (achieved := checkpoints.summary()):
+            log.info(achieved)
         if world.is_main and not cfg.no_plot:
             plot.write_run_plot(out_dir)  # also after a stop by a signal or a NaN; a failure is only a warning
         checkpoints.close()
@@ -287,7 +292,7 @@ def train_step(
         x, y = state.loader.next_batch()
         sync = parallel.gradient_sync(wrapped, sync=micro == cfg.grad_accum - 1)
         x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
-        with sync, autocast(state.device, state.dtype):
+        with sync, autocast(state.device, state.dtype), fast.attention_kernels(state.device):
             _, loss = forward(x, y, return_logits=False)  # the loss alone: see ops/head_loss.py
         scaler.scale(loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
@@ -301,19 +306,20 @@ def train_step(
 
 
 def agree(
-    loss: torch.Tensor, stop_requested: bool, state: TrainState, last_snapshot: Path | None
-) -> tuple[float, bool]:
-    """The loss averaged over ranks, and whether any rank was asked to stop (one stops all); TrainingDiverged if
-    the loss is not finite."""
-    wants_stop = torch.tensor(float(stop_requested), device=state.device)
-    agreed = distributed.mean(torch.stack([loss, wants_stop]), state.world)
-    mean_loss, stopping = agreed[0].item(), agreed[1].item() > 0
+    loss: torch.Tensor, stop_requested: object, checkpoints: Checkpoints, state: TrainState
+) -> tuple[float, bool, bool]:
+    """What every rank must agree on after a step, in one all-reduce: the loss averaged over ranks, whether any rank
+    was asked to stop (one stops all), and whether rank 0 is still writing a snapshot. TrainingDiverged if the loss
+    is not finite."""
+    flags = torch.tensor([float(stop_requested is not None), float(checkpoints.writing)], device=state.device)
+    agreed = distributed.mean(torch.cat([loss.reshape(1), flags]), state.world).tolist()
+    mean_loss, stopping, writing = agreed[0], agreed[1] > 0, agreed[2] > 0
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(
             f"the loss became {mean_loss} at step {state.step}; last good snapshot: "
-            f"{last_snapshot or 'none'}; lower --lr or set --grad-clip 1.0"
+            f"{checkpoints.last or 'none'}; lower --lr or set --grad-clip 1.0"
         )
-    return mean_loss, stopping
+    return mean_loss, stopping, writing
 
 
 def finish(state: TrainState, checkpoints: Checkpoints) -> TrainResult:

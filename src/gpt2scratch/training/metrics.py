@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gpt2scratch.training.rundir import METRICS_NAME, TENSORBOARD_DIR
+
 # The TensorBoard tag of each record key that has one; a step's record gives the tags of the keys it holds.
 TENSORBOARD_TAGS = {
     "loss": "train/loss",
@@ -39,6 +41,14 @@ class MetricsLog:
             kept = [line for line in lines if _step_of(line) <= after_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._file = open(path, "a")  # noqa: SIM115 (closed by close())
+
+    @classmethod
+    def of_run(cls, out_dir: Path, after_step: int, tensorboard: bool, main: bool) -> MetricsLog:
+        """The log of the run in ``out_dir`` (``metrics.jsonl``, and ``tensorboard/`` if asked): rank 0's; an
+        empty one elsewhere."""
+        if not main:
+            return cls(None)
+        return cls(out_dir / METRICS_NAME, after_step, out_dir / TENSORBOARD_DIR if tensorboard else None)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:

@@ -1,0 +1,139 @@
+"""What makes a training step fast on its device, decided once per run and said in the run's output: torch.compile
+(``--compile auto``), the padded output head (``--pad-vocab auto``), snapshots that never hold up a GPU
+(``--defer-snapshots auto``), TF32 for fp32 matmuls and the order in which attention kernels are tried on CUDA.
+
+None of these changes what a run is (its identity, its files): compiled and eager steps, padded and unpadded heads,
+compute the same losses to float rounding, so a run may resume with another choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gpt2scratch.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Compiling costs ~30-60 s on a GPU before the first step and then saves about half of each step (an H100 at 124M
+# went from 17.6% to 36.6% MFU): below a few hundred steps it does not pay for itself.
+MIN_COMPILED_STEPS = 200
+PAD_MULTIPLE = 64  # GPT-2's 50,257 rows padded to 50,304: tensor-core tiles and cuBLAS prefer multiples of 64
+# Flash attention first (then memory-efficient, cuDNN, math): on H100s PyTorch may otherwise pick cuDNN's kernels,
+# which build a graph for each new shape.
+ATTENTION_ORDER = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """An optimization's setting for this run, and the reason, for the run's output."""
+
+    on: bool
+    why: str
+
+    def __str__(self) -> str:
+        return f"{'on' if self.on else 'off'} ({self.why})"
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The run's choices, made once before its first step."""
+
+    compile: Choice
+    pad: Choice
+    defer: Choice
+
+    def __str__(self) -> str:
+        return f"torch.compile: {self.compile}; padded vocabulary: {self.pad}; deferred snapshots: {self.defer}"
+
+
+def choose(cfg: TrainConfig, device: torch.device) -> Speed:
+    """What ``cfg`` and the device call for (see each choice)."""
+    return Speed(compile_choice(cfg, device), pad_choice(cfg, device), defer_choice(cfg, device))
+
+
+def compile_choice(cfg: TrainConfig, device: torch.device) -> Choice:
+    """Whether to torch.compile the model: --compile on/off as given; auto compiles CUDA runs of at least
+    MIN_COMPILED_STEPS steps (or without --max-steps), never on CPUs or MPS (there eager keeps the seed's default
+    run bit for bit, and its warm-up would dominate the short runs a CPU trains)."""
+    if cfg.compile != "auto":
+        return Choice(cfg.compile == "on", f"--compile {cfg.compile}")
+    if device.type != "cuda":
+        return Choice(False, f"auto: eager on {device.type}; --compile on to compile anyway")
+    if cfg.max_steps is not None and cfg.max_steps < MIN_COMPILED_STEPS:
+        return Choice(False, f"auto: {cfg.max_steps} steps do not repay the warm-up; --compile on to compile anyway")
+    return Choice(True, "auto: a CUDA run long enough to repay the ~30-60 s warm-up")
+
+
+def pad_choice(cfg: TrainConfig, device: torch.device) -> Choice:
+    """Whether to compute the output head over a vocabulary padded to a multiple of PAD_MULTIPLE."""
+    if cfg.pad_vocab != "auto":
+        return Choice(cfg.pad_vocab == "on", f"--pad-vocab {cfg.pad_vocab}")
+    return Choice(device.type == "cuda", f"auto: {'on' if device.type == 'cuda' else 'off'} on {device.type}")
+
+
+def defer_choice(cfg: TrainConfig, device: torch.device) -> Choice:
+    """Whether a snapshot due during the previous one's write is deferred rather than waited for."""
+    if cfg.defer_snapshots != "auto":
+        return Choice(cfg.defer_snapshots == "on", f"--defer-snapshots {cfg.defer_snapshots}")
+    return Choice(device.type == "cuda", f"auto: {'on' if device.type == 'cuda' else 'off'} on {device.type}")
+
+
+def padded(vocab_size: int, multiple: int = PAD_MULTIPLE) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple``."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def configure_cuda(device: torch.device) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (what autocast leaves in fp32, and every matmul of
+    --dtype float32): fp32's range with a 10-bit mantissa, as PyTorch's own "high" precision."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def attention_kernels(device: torch.device) -> Iterator[None]:
+    """On CUDA, attention tries flash first (ATTENTION_ORDER); elsewhere PyTorch's own choice."""
+    if device.type != "cuda":
+        yield
+        return
+    with sdpa_kernel(ATTENTION_ORDER, set_priority=True):
+        yield
+
+
+class CompiledOrEager:
+    """A module's compiled forward, falling back to the module itself, with one warning line, if compiling fails
+    (a missing C compiler, an unsupported operation): compiling happens on the first call, so only that call's
+    failure means the compiler's; a later one is the step's own and is raised."""
+
+    def __init__(self, module: torch.nn.Module, compile: Callable[[torch.nn.Module], Any] | None = None):
+        self.module = module
+        self.compiled: Any = (compile or torch.compile)(module)
+        self.called = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            return self.module(*args, **kwargs)
+        if self.called:
+            return self.compiled(*args, **kwargs)
+        try:
+            result = self.compiled(*args, **kwargs)
+        except Exception as err:  # whatever the compiler raised: the step is retried eagerly
+            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            log.warning("torch.compile failed (%s: %s); training without it", type(err).__name__, detail)
+            self.compiled = None
+            return self.module(*args, **kwargs)
+        self.called = True
+        return result
