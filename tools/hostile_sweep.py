@@ -359,6 +359,13 @@ def train_flag_cases() -> list[Case]:
         "positional": ["extra"],
         "tensorboard": ["--tensorboard"],
         "compile-tiny": ["--compile", "--max-steps", "1"],
+        "compile-bogus": ["--compile", "yes"],
+        "compile-empty": ["--compile", ""],
+        "compile-off": ["--compile", "off"],
+        "pad-vocab-on": ["--pad-vocab", "on"],
+        "pad-vocab-bogus": ["--pad-vocab", "64"],
+        "defer-snapshots-on": ["--defer-snapshots", "on", "--snapshot-interval", "1", "--target-loss", "0"],
+        "defer-snapshots-bogus": ["--defer-snapshots", "maybe"],
     }
     for name, flags in odd.items():
         cases.append(Case("train flags", name, [*QUICK, *flags], text(), timeout=600 if "compile" in name else 300))

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2scratch.config import GPTConfig
 from gpt2scratch.errors import DeviceError, UsageError
@@ -110,6 +111,24 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Flash attention first, then memory-efficient, cuDNN and math. PyTorch may otherwise pick cuDNN's kernels, which
+# build a graph for each new shape: 46 ms a call on an H100 when decoding in bf16 with a key length that grows by one
+# every step, against 0.09 ms for flash or memory-efficient attention.
+ATTENTION_ORDER = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA, the attention kernels tried in ATTENTION_ORDER; elsewhere PyTorch's own choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(ATTENTION_ORDER, set_priority=True)
 
 
 def configure_matmul(device: torch.device) -> None:

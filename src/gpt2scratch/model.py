@@ -227,11 +227,12 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         eos_token: int | None = None,
         use_cache: bool = True,
+        static: bool | None = None,
     ) -> torch.Tensor:
         """The prompts ``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + n). A shortcut to
-        ``decode.generate``, the decoding loop that every command shares (see there for the arguments)."""
+        ``inference.engine.generate``, the decoding loop that every command shares (see there for the arguments)."""
         from gpt2scratch.inference.engine import (
             generate,  # inference/engine.py builds on this module, so it is imported when used
         )
 
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, eos_token, use_cache)
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, eos_token, use_cache, static)

@@ -39,7 +39,7 @@ def test_an_int_is_taken_for_a_float_and_a_file_may_say_false(tmp_path: Path) ->
     path = tmp_path / "run.toml"
     path.write_bytes("\ufeffweight_decay = 0\ncompile = false\nmin_lr = 0\n".encode())  # with a byte-order mark
     cfg = train_config("--config", str(path), "--compile")
-    assert cfg.weight_decay == 0.0 and type(cfg.weight_decay) is float and cfg.compile is True
+    assert cfg.weight_decay == 0.0 and type(cfg.weight_decay) is float and cfg.compile == "on"
 
 
 def test_the_config_file_overrides_the_recipe(tmp_path: Path) -> None:
@@ -58,7 +58,9 @@ def test_the_config_file_overrides_the_recipe(tmp_path: Path) -> None:
         ("zzz = 1\n", ["unknown setting 'zzz' (keys are the flags' names"]),
         ('lr = "fast"\n', ["run.toml: lr must be a number, got 'fast'"]),
         ("batch_size = 8.5\n", ["run.toml: batch_size must be a whole number, got 8.5"]),
-        ("compile = 1\n", ["run.toml: compile must be true or false, got 1"]),
+        ("no_plot = 1\n", ["run.toml: no_plot must be true or false, got 1"]),
+        ("compile = 1\n", ['run.toml: compile must be "auto", "on" or "off" (or true or false), got 1']),
+        ('compile = "yes"\n', ["--compile must be auto, on or off, got 'yes'"]),
         ("input = 3\n", ["run.toml: input must be a string in quotes, got 3"]),
         ("max_steps = [1, 2]\n", ["max_steps must be a whole number, got a list"]),
         ("[train]\nlr = 1e-3\n", ["unknown setting 'train'"]),

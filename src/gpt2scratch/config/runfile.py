@@ -81,9 +81,10 @@ def check_settings(table: dict[str, Any], command: type, what: str) -> dict[str,
             close = difflib.get_close_matches(key.replace("-", "_"), names, n=1)
             hint = f"; did you mean {close[0]}?" if close else " (keys are the flags' names, with underscores)"
             raise UsageError(f"{what}: unknown setting {key!r}{hint}")
-        switch = fields[key].metadata.get("choices") == SWITCH
-        if switch and type(value) is bool:  # compile = true: a switch's on or off
-            value = "on" if value else "off"
+        if fields[key].metadata.get("choices") == SWITCH:  # compile = true: a switch's on or off
+            if type(value) not in (bool, str):
+                raise UsageError(f'{what}: {key} must be "auto", "on" or "off" (or true or false), got {value!r}')
+            value = ("on" if value else "off") if type(value) is bool else value
         values[key] = _typed(value, _scalar(hints[key]), f"{what}: {key}")
     return values
 

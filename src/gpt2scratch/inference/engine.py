@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from gpt2scratch.config import GPTConfig
+from gpt2scratch.device import attention_kernels
 from gpt2scratch.inference.sampling import sample
+from gpt2scratch.inference.static_cache import StaticDecoder
 
 if TYPE_CHECKING:
     from gpt2scratch.model import GPT
@@ -129,7 +131,8 @@ class Engine:
         idx = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=device)  # (m, T)
         first = self.rows
         self.cache.lengths[first : first + m] = [0] * m
-        hidden = self.model.transformer(idx, self.cache.batch(first, lengths))  # (m, T, C)
+        with attention_kernels(device):
+            hidden = self.model.transformer(idx, self.cache.batch(first, lengths))  # (m, T, C)
         self.rows += m
         last = torch.tensor(lengths, device=device) - 1  # (m,): where each prompt ends in its padded row
         return self.model.lm_head(hidden[torch.arange(m, device=device), last])  # (m, V)
@@ -141,7 +144,8 @@ class Engine:
         Raises ValueError (and changes nothing) if a row is full."""
         assert len(tokens) == self.rows > 0
         idx = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.k.device)[:, None]  # (B, 1)
-        hidden = self.model.transformer(idx, self.cache.batch(0, [1] * self.rows))  # (B, 1, C)
+        with attention_kernels(idx.device):
+            hidden = self.model.transformer(idx, self.cache.batch(0, [1] * self.rows))  # (B, 1, C)
         return self.model.lm_head(hidden[:, 0])  # (B, V)
 
     @torch.no_grad()
@@ -183,18 +187,22 @@ def stream(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    static: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of each row, (B,), ``max_new_tokens`` times, continuing the prompts ``idx`` (B, T).
 
     Sampling as ``sampling.sample``: logits / temperature (0 means greedy), then the ``top_k`` most likely tokens
     and/or the smallest set whose probability reaches ``top_p``. With ``use_cache`` each step feeds one token per
-    row through an ``Engine``; past ``block_size`` the context slides (the cache is refilled with the last half-block).
-    Without, every step is a full forward pass over the context (the reference the cache is tested against).
+    row through a KV cache: ``static`` (default: on CUDA) a fixed-size one with CUDA graphs (static_cache.py),
+    else an ``Engine``'s slots; past ``block_size`` the context slides (the cache is refilled with the last
+    half-block). Without, every step is a full forward pass over the context (the reference the caches are tested
+    against).
     """
     assert idx.dim() == 2
     block = model.config.block_size
+    static = idx.device.type == "cuda" if static is None else static
     context = idx  # (B, T + tokens so far): what a refill of the cache starts from
-    engine: Engine | None = None
+    engine: Engine | StaticDecoder | None = None
     token = None
     for _ in range(max_new_tokens):
         if not use_cache:
@@ -203,9 +211,15 @@ def stream(
             # (Re)fill the cache with the prompt, or with the last half-block once the context is full.
             keep = context[:, -block:] if engine is None else context[:, -(block // 2) :]
             if engine is None:
-                engine = Engine(model, idx.size(0), min(block, keep.size(1) + max_new_tokens))
-            engine.clear()
-            logits = engine.prefill(keep.tolist())
+                max_len = min(block, keep.size(1) + max_new_tokens)
+                cuda = idx.device.type == "cuda"
+                batch = idx.size(0)
+                engine = StaticDecoder(model, batch, max_len, graphs=cuda) if static else Engine(model, batch, max_len)
+            if isinstance(engine, StaticDecoder):
+                logits = engine.prefill(keep)
+            else:
+                engine.clear()
+                logits = engine.prefill(keep.tolist())
         else:
             assert token is not None
             logits = engine.step(token)
@@ -225,6 +239,7 @@ def generate(
     generator: torch.Generator | None = None,
     eos_token: int | None = None,
     use_cache: bool = True,
+    static: bool | None = None,
 ) -> torch.Tensor:
     """The prompts ``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + n).
 
@@ -233,7 +248,7 @@ def generate(
     """
     out = [idx]
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    for token in stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
+    for token in stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, static):
         if eos_token is not None:
             token = token.masked_fill(done, eos_token)
             done |= token == eos_token

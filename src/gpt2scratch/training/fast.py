@@ -1,6 +1,7 @@
 """What makes a training step fast on its device, decided once per run and said in the run's output: torch.compile
 (``--compile auto``), the padded output head (``--pad-vocab auto``), snapshots that never hold up a GPU
-(``--defer-snapshots auto``), TF32 for fp32 matmuls and the order in which attention kernels are tried on CUDA.
+(``--defer-snapshots auto``) and TF32 for fp32 matmuls on CUDA (the order in which attention kernels are tried is
+device.py's, shared with decoding).
 
 None of these changes what a run is (its identity, its files): compiled and eager steps, padded and unpadded heads,
 compute the same losses to float rounding, so a run may resume with another choice.
@@ -8,14 +9,12 @@ compute the same losses to float rounding, so a run may resume with another choi
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2scratch.config import TrainConfig
 
@@ -25,14 +24,6 @@ log = logging.getLogger(__name__)
 # went from 17.6% to 36.6% MFU): below a few hundred steps it does not pay for itself.
 MIN_COMPILED_STEPS = 200
 PAD_MULTIPLE = 64  # GPT-2's 50,257 rows padded to 50,304: tensor-core tiles and cuBLAS prefer multiples of 64
-# Flash attention first (then memory-efficient, cuDNN, math): on H100s PyTorch may otherwise pick cuDNN's kernels,
-# which build a graph for each new shape.
-ATTENTION_ORDER = [
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.MATH,
-]
 
 
 @dataclass(frozen=True)
@@ -101,16 +92,6 @@ def configure_cuda(device: torch.device) -> None:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
-
-
-@contextlib.contextmanager
-def attention_kernels(device: torch.device) -> Iterator[None]:
-    """On CUDA, attention tries flash first (ATTENTION_ORDER); elsewhere PyTorch's own choice."""
-    if device.type != "cuda":
-        yield
-        return
-    with sdpa_kernel(ATTENTION_ORDER, set_priority=True):
-        yield
 
 
 class CompiledOrEager:

@@ -26,7 +26,15 @@ from gpt2scratch.checkpoint.load import read_state
 from gpt2scratch.config import GPTConfig, TrainConfig
 from gpt2scratch.config.commands import SamplingConfig
 from gpt2scratch.data.corpus import Progress, load_corpus, make_loader
-from gpt2scratch.device import autocast, check_model_fits, configure_matmul, keep_freed_memory, pick_device, pick_dtype
+from gpt2scratch.device import (
+    attention_kernels,
+    autocast,
+    check_model_fits,
+    configure_matmul,
+    keep_freed_memory,
+    pick_device,
+    pick_dtype,
+)
 from gpt2scratch.distributed import parallelize as parallel
 from gpt2scratch.distributed import world as distributed
 from gpt2scratch.distributed.world import World
@@ -292,7 +300,7 @@ def train_step(
         x, y = state.loader.next_batch()
         sync = parallel.gradient_sync(wrapped, sync=micro == cfg.grad_accum - 1)
         x, y = x.to(state.device, non_blocking=True), y.to(state.device, non_blocking=True)
-        with sync, autocast(state.device, state.dtype), fast.attention_kernels(state.device):
+        with sync, autocast(state.device, state.dtype), attention_kernels(state.device):
             _, loss = forward(x, y, return_logits=False)  # the loss alone: see ops/head_loss.py
         scaler.scale(loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
