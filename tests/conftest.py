@@ -11,11 +11,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import resource
 import signal
 import socket
 import subprocess
 import sys
+import time
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -373,3 +375,75 @@ def take_steps(state: TrainState, n: int) -> list[float]:
         losses.append(state.loss)
         torch.rand(1)  # the RNG moves on, as dropout would move it
     return losses
+
+
+# ---- a server of ours in a subprocess (serve/test_app.py, eval/test_harness.py) ----
+
+KEY = "test-key-0123456789"
+
+
+class Server:
+    """``gpt2-scratch serve`` in a subprocess on 127.0.0.1 and a port it picks; its output goes to ``log``."""
+
+    def __init__(self, model_dir: Path, log: Path, *flags: str, env: dict[str, str] | None = None):
+        self.log = log
+        command = [sys.executable, "-m", "gpt2scratch", "serve", "--pretrained", str(model_dir), "--port", "0",
+                   "--device", "cpu", *flags]  # fmt: skip
+        full_env = child_env({"OMP_NUM_THREADS": "1", **(env or {})})
+        with log.open("w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        self.url = ""
+
+    def wait_ready(self, timeout: float = 120) -> Server:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while not self.url:
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            if found := re.search(r"on (http://127\.0\.0\.1:\d+)", self.log.read_text()):
+                self.url = found.group(1)
+            time.sleep(0.05)
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def client(self, key: str = KEY) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def health(self) -> dict[str, Any]:
+        import httpx
+
+        return httpx.get(f"{self.url}/health").json()
+
+    def metric(self, name: str) -> float:
+        import httpx
+
+        text = httpx.get(f"{self.url}/metrics").text
+        return float(re.search(rf"^{name} (\S+)$", text, flags=re.MULTILINE).group(1))  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def save_model(folder: Path, config: GPTConfig) -> Path:
+    """A random model whose next-token distributions are spread out, exported as a transformers directory."""
+    from gpt2scratch.checkpoint.hf import export
+    from gpt2scratch.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)  # spread out the next-token distribution
+    export(model, folder)
+    return folder

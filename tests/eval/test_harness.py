@@ -183,3 +183,80 @@ def test_lm_eval_command_line_runs_tasks_with_the_backend(
         expected = [r[0] for r in expected] if kind == "loglikelihood" else expected
         assert len(logged) == len(args) == (8 if kind == "loglikelihood" else 2)
         assert logged == pytest.approx(expected, abs=1e-4)
+
+
+# ---- lm-eval's own local-completions against `gpt2-scratch serve` (issue 25) ----
+
+SHORT_TEXTS = ["A short line.", "word " * 40]  # each within one request of the 64-token context
+
+
+@pytest.fixture(scope="module")
+def served(weights: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from conftest import Server
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    log = tmp_path_factory.mktemp("served") / "serve.log"
+    server = Server(weights["hf"], log, "--dtype", "float64").wait_ready()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_harness_tells_local_completions_the_served_context(served: Any) -> None:
+    from gpt2scratch.eval.harness import with_server_context
+
+    argv = ["--model", "local-completions", "--model_args", f"base_url={served.url}/v1/completions,model=m"]
+    assert with_server_context(argv)[-1] == f"base_url={served.url}/v1/completions,model=m,max_length=64"
+    given = ["--model", "local-completions", "--model_args", f"base_url={served.url}/v1/completions,max_length=9"]
+    assert with_server_context(given) == given
+    assert with_server_context(["--model", "hf", "--model_args", "pretrained=x"]) == ["--model", "hf", "--model_args",
+                                                                                         "pretrained=x"]  # fmt: skip
+    nobody = ["--model", "local-completions", "--model_args", "base_url=http://127.0.0.1:9/v1/completions"]
+    assert with_server_context(nobody) == nobody  # no server there: lm-eval's own default stays
+
+
+def test_lm_eval_local_completions_through_the_server_matches_our_backend(
+    served: Any, weights: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lm-eval's ``local-completions`` with no tokenizer and no max_length: it finds the server's tokenizer
+    endpoints (``tokenizer_backend=auto`` -> remote) and the harness gives it the served context. Loglikelihood,
+    rolling loglikelihood and generation equal our backend's on the same weights (float64 on both sides)."""
+    import httpx
+
+    from gpt2scratch.eval.harness import GPT2ScratchLM, main
+
+    write_tasks(tmp_path)
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in SHORT_TEXTS))
+    (tmp_path / "tiny_short.yaml").write_text(
+        (tmp_path / "tiny_text.yaml").read_text().replace("task: tiny_text", "task: tiny_short")
+        .replace("text.jsonl", "short.jsonl")
+    )  # fmt: skip
+    (tmp_path / "tiny_gen.yaml").write_text(
+        (tmp_path / "tiny_choice.yaml").read_text().split("output_type")[0].replace("tiny_choice", "tiny_gen")
+        + 'output_type: generate_until\ndoc_to_text: "Q: {{question}}"\ndoc_to_target: "{{choices[0]}}"\n'
+        "generation_kwargs:\n  until: [\".\", \"\\n\\n\"]\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )  # fmt: skip
+    name = httpx.get(f"{served.url}/v1/models").json()["data"][0]["id"]
+    model_args = f"base_url={served.url}/v1/completions,model={name},num_concurrent=1"
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "local-completions", "--model_args", model_args,
+                                      "--tasks", "tiny_choice,tiny_short,tiny_gen", "--include_path", str(tmp_path),
+                                      "--output_path", str(tmp_path / "out"), "--log_samples"])  # fmt: skip
+    main()
+    ours = GPT2ScratchLM(pretrained=str(weights["hf"]), dtype="float64", device="cpu", batch_size=3)
+    for task, kind in [("tiny_choice", "loglikelihood"), ("tiny_short", "loglikelihood_rolling"),
+                       ("tiny_gen", "generate_until")]:  # fmt: skip
+        (log,) = (tmp_path / "out").rglob(f"samples_{task}_*.jsonl")
+        samples = [json.loads(line) for line in log.read_text().splitlines()]
+        args = [tuple(a.values()) for sample in samples for a in sample["arguments"].values()]
+        logged = [r for s in samples for r in s["resps"]]
+        expected = getattr(ours, kind)(requests(kind, *args))
+        assert len(logged) == len(args) == {"loglikelihood": 8, "loglikelihood_rolling": 2, "generate_until": 3}[kind]
+        if kind == "generate_until":
+            assert [r[0] for r in logged] == expected
+        elif kind == "loglikelihood":
+            assert [float(r[0][0]) for r in logged] == pytest.approx([e[0] for e in expected], abs=1e-4)
+        else:
+            assert [float(r[0]) for r in logged] == pytest.approx(expected, abs=1e-4)

@@ -8,7 +8,6 @@ one: disconnects and 429s), and one that is stopped with SIGTERM while it has re
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -21,9 +20,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, child_env, run_cli, skip_without
+from conftest import KEY, REPO, Server, assert_one_line_error, run_cli, save_model, skip_without
 
-from gpt2scratch.checkpoint.hf import export
 from gpt2scratch.config import GPTConfig
 from gpt2scratch.config.commands import API_KEY_ENV, ModelSource, SamplingConfig, ServeConfig
 from gpt2scratch.errors import UsageError
@@ -35,72 +33,8 @@ from gpt2scratch.tokenizer import encode
 
 pytestmark = [skip_without("fastapi"), skip_without("uvicorn"), skip_without("openai")]
 
-KEY = "test-key-0123456789"
 PROMPT = "Hello, I'm a language model,"
 CPU = torch.device("cpu")
-
-
-class Server:
-    """``gpt2-scratch serve`` in a subprocess on 127.0.0.1 and a port it picks; its output goes to ``log``."""
-
-    def __init__(self, model_dir: Path, log: Path, *flags: str, env: dict[str, str] | None = None):
-        self.log = log
-        command = [sys.executable, "-m", "gpt2scratch", "serve", "--pretrained", str(model_dir), "--port", "0",
-                   "--device", "cpu", *flags]  # fmt: skip
-        full_env = child_env({"OMP_NUM_THREADS": "1", **(env or {})})
-        with log.open("w") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-        self.url = ""
-
-    def wait_ready(self, timeout: float = 120) -> Server:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while not self.url:
-            assert self.process.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()
-            if found := re.search(r"on (http://127\.0\.0\.1:\d+)", self.log.read_text()):
-                self.url = found.group(1)
-            time.sleep(0.05)
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.05)
-
-    def client(self, key: str = KEY) -> Any:
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
-
-    def health(self) -> dict[str, Any]:
-        import httpx
-
-        return httpx.get(f"{self.url}/health").json()
-
-    def metric(self, name: str) -> float:
-        import httpx
-
-        text = httpx.get(f"{self.url}/metrics").text
-        return float(re.search(rf"^{name} (\S+)$", text, flags=re.MULTILINE).group(1))  # type: ignore[union-attr]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-def save_model(folder: Path, config: GPTConfig) -> Path:
-    torch.manual_seed(0)
-    model = GPT(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)  # spread out the next-token distribution
-    export(model, folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -287,16 +221,21 @@ BAD_REQUESTS = {
     "top_p of 0": ({"prompt": "a", "top_p": 0}, 400, "top_p"),
     "logprobs over 5": ({"prompt": "a", "logprobs": 6}, 400, "logprobs must be between 0 and 5"),
     "empty stop string": ({"prompt": "a", "stop": [""]}, 400, "stop"),
-    "five stop strings": ({"prompt": "a", "stop": list("abcde")}, 400, "at most 4"),
+    "65 stop strings": ({"prompt": "a", "stop": [f"s{i}" for i in range(65)]}, 400, "at most 64"),
     "seed a float": ({"prompt": "a", "seed": 1.5}, 400, "seed must be an integer"),
     "echo a string": ({"prompt": "a", "echo": "yes"}, 400, "echo must be true or false"),
-    "unknown argument": ({"prompt": "a", "temprature": 1}, 400, "Unrecognized request argument supplied: temprature"),
     "suffix": ({"prompt": "a", "suffix": "b"}, 400, "suffix is not supported"),
     "unknown model": ({"prompt": "a", "model": "gpt-4"}, 404, "The model 'gpt-4' does not exist"),
     "oversized body": ({"prompt": "a" * (2 << 20)}, 413, "larger than"),
     "chat endpoint": (("POST", "/v1/chat/completions", {"messages": []}), 400, "no chat format"),
     "wrong method": (("GET", "/v1/completions", None), 405, "Method Not Allowed"),
     "unknown endpoint": (("POST", "/v1/embeddings", {}), 404, "Not Found"),
+    "tokenize without a prompt": (("POST", "/tokenize", {"text": "a"}), 400, "prompt must be a string"),
+    "tokenize chat messages": (("POST", "/tokenize", {"messages": []}), 400, "no chat format"),
+    "tokenize another model": (("POST", "/tokenize", {"prompt": "a", "model": "x"}), 404, "does not exist"),
+    "detokenize a string": (("POST", "/detokenize", {"tokens": "abc"}), 400, "tokens must be a list of token ids"),
+    "detokenize past the vocabulary": (("POST", "/detokenize", {"tokens": [50257]}), 400, "outside the vocabulary"),
+    "tokenize bad JSON": (("POST", "/tokenize", b"{"), 400, "not valid JSON"),
 }
 
 
@@ -469,3 +408,46 @@ def test_the_server_stack_is_imported_only_to_serve(monkeypatch: pytest.MonkeyPa
 def test_bad_flags(flags: dict[str, Any], fragment: str) -> None:
     with pytest.raises(UsageError, match=fragment):
         ServeConfig(**flags)
+
+
+# --- what vLLM-style clients ask: the tokenizer, the context, fields they add (issue 25) ------------------------------
+
+
+def test_tokenize_and_detokenize_in_vllm_s_shapes(main: Server) -> None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    text = "Hello, I'm a language model,<|endoftext|> and more"
+    answer = httpx.post(f"{main.url}/tokenize", json={"prompt": text, "add_special_tokens": False}, headers=headers)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body == {"count": len(encode(text)), "max_model_len": 64, "tokens": encode(text)}
+    assert 50256 in body["tokens"]  # the end-of-text marker is its token, as lm-eval's remote tokenizer expects
+    back = httpx.post(f"{main.url}/detokenize", json={"tokens": body["tokens"]}, headers=headers).json()
+    assert back == {"prompt": text}
+    info = httpx.get(f"{main.url}/tokenizer_info", headers=headers).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 64
+    assert httpx.post(f"{main.url}/tokenize", json={"prompt": "a"}).status_code == 401  # behind the key too
+
+
+def test_v1_models_gives_the_context_length(main: Server) -> None:
+    [model] = main.client().models.list().data
+    assert model.max_model_len == 64  # type: ignore[attr-defined]  # vLLM's field
+
+
+def test_unknown_fields_are_ignored_listed_in_a_header_and_logged_once(main: Server, model: GPT) -> None:
+    import httpx
+
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "repetition_penalty": 1.0, "min_p": 0.1,
+            "stop": [f"never{i}" for i in range(40)]}  # fmt: skip
+    for _ in range(2):
+        answer = httpx.post(f"{main.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                            timeout=60)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Ignored-Fields"] == "min_p, repetition_penalty"
+        assert answer.json()["choices"][0]["text"] == reference(model, PROMPT, 5, temperature=0)
+    log = main.log.read_text()
+    assert log.count("ignoring the request field 'min_p'") == 1 and log.count("'repetition_penalty'") == 1
+    plain = httpx.post(f"{main.url}/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
+    assert "X-Ignored-Fields" not in plain.headers

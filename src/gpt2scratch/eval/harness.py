@@ -11,6 +11,10 @@ GPT-2, so both backends give the same log-likelihoods for the same weights (test
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import urllib.request
 from collections import defaultdict
 from typing import Any
 
@@ -163,10 +167,38 @@ def encode_pair(context: str, continuation: str) -> Pair:
 
 
 def main() -> None:
-    """``python -m gpt2scratch.eval.harness ARGS``: lm-eval's command line, with the ``gpt2scratch`` backend known."""
+    """``python -m gpt2scratch.eval.harness ARGS``: lm-eval's command line, with the ``gpt2scratch`` backend known,
+    and lm-eval's own ``local-completions`` told the served model's context (``with_server_context``)."""
     from lm_eval.__main__ import cli_evaluate
 
+    sys.argv[1:] = with_server_context(sys.argv[1:])
     cli_evaluate()
+
+
+def with_server_context(argv: list[str]) -> list[str]:
+    """``argv`` with ``max_length`` added to the model args of a ``local-completions`` model that has a
+    ``base_url`` and no ``max_length``: the ``max_model_len`` that the server's ``/v1/models`` gives (ours does, as
+    vLLM's does). lm-eval 0.4 does not ask, and assumes 2048, which a GPT-2 server refuses (1024). Unchanged if the
+    server does not say."""
+    if "--model" not in argv or "--model_args" not in argv:
+        return argv
+    model, at = argv[argv.index("--model") + 1], argv.index("--model_args") + 1
+    args = dict(part.split("=", 1) for part in argv[at].split(",") if "=" in part)
+    if model != "local-completions" or "base_url" not in args or "max_length" in args:
+        return argv
+    server = args["base_url"].removesuffix("/").removesuffix("/completions").removesuffix("/v1")
+    request = urllib.request.Request(f"{server}/v1/models")
+    if "OPENAI_API_KEY" in os.environ:  # lm-eval sends this key to the server too
+        request.add_header("Authorization", f"Bearer {os.environ['OPENAI_API_KEY']}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            length = json.load(answer)["data"][0]["max_model_len"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return argv
+    if not isinstance(length, int) or length <= 1:
+        return argv
+    print(f"local-completions: max_length={length}, the server's max_model_len", file=sys.stderr)
+    return [*argv[:at], f"{argv[at]},max_length={length}", *argv[at + 1 :]]
 
 
 if __name__ == "__main__":

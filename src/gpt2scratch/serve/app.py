@@ -40,12 +40,14 @@ from gpt2scratch.serve.schema import (
     parse_json,
     usage_body,
 )
+from gpt2scratch.serve.tokenize import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # bytes of a request body; a full-context prompt as token ids is ~10 KB
 RETRY_AFTER = "1"  # seconds a client told 429 should wait: a sequence of the batch ends every few tokens
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
+          "/health", "/metrics")  # fmt: skip
 
 
 def authorize(header: str | None, api_key: str | None) -> None:
@@ -93,6 +95,15 @@ class Service:
     api_key: str | None
     max_queue: int
     block: int
+    ignored_seen: set[str] = dataclasses.field(default_factory=set)  # unknown request fields already logged
+
+    def ignoring(self, fields: tuple[str, ...]) -> dict[str, str]:
+        """The header that lists a request's ignored fields; each field is logged the first time it is seen."""
+        for name in fields:
+            if name not in self.ignored_seen:
+                self.ignored_seen.add(name)
+                log.warning("ignoring the request field %r, which this server does not know", name[:100])
+        return {"X-Ignored-Fields": ", ".join(fields)} if fields else {}
 
     @classmethod
     def of(cls, engine: Engine, model_name: str, api_key: str | None, max_queue: int) -> "Service":
@@ -128,8 +139,9 @@ async def complete(service: Service, request: Any) -> Any:
         raise APIError(503, "The server is shutting down.", code="shutting_down", type="server_error") from None
     service.metrics.prompt_tokens.inc(sum(len(ids) for ids in req.prompts))
     reply = Reply(req, service.model_name, sequences, queue, service.metrics)
+    headers = service.ignoring(req.ignored)
     if req.stream:
-        return StreamingResponse(reply.events(), media_type="text/event-stream")
+        return StreamingResponse(reply.events(), media_type="text/event-stream", headers=headers)
     collect = asyncio.ensure_future(reply.collect())
     hangup = asyncio.ensure_future(until_disconnect(request))
     try:
@@ -141,7 +153,39 @@ async def complete(service: Service, request: Any) -> Any:
             reply.cancel()
     if collect.cancelled():
         return Response(status_code=499)  # nginx's "client closed request": logged, never seen
-    return JSONResponse(collect.result())
+    return JSONResponse(collect.result(), headers=headers)
+
+
+def add_model_routes(app: Any, service: Service, started: int) -> None:
+    """What a client asks about the model: GET /v1/models (with its context, ``max_model_len``, as vLLM's), and the
+    tokenizer: POST /tokenize, POST /detokenize and GET /tokenizer_info (serve/tokenize.py); behind the same key."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        authorize(request.headers.get("authorization"), service.api_key)
+        model = {"id": service.model_name, "object": "model", "created": started, "owned_by": "gpt2-scratch",
+                 "max_model_len": service.block}  # fmt: skip
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def checked(request: Request) -> dict[str, Any]:
+        authorize(request.headers.get("authorization"), service.api_key)
+        return parse_json(await read_body(request))
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        body = await checked(request)
+        return JSONResponse(await asyncio.to_thread(tokenize, body, service.model_name, service.block))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Response:
+        return JSONResponse(detokenize(await checked(request), service.model_name))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: Request) -> Response:
+        authorize(request.headers.get("authorization"), service.api_key)
+        return JSONResponse(tokenizer_info(service.block))
 
 
 def make_app(engine: Engine, model_name: str, api_key: str | None, max_queue: int) -> Any:
@@ -186,11 +230,7 @@ def make_app(engine: Engine, model_name: str, api_key: str | None, max_queue: in
         raise APIError(400, "GPT-2 is a plain language model and has no chat format: send a prompt to "
                        "POST /v1/completions instead.", code="unsupported_endpoint")  # fmt: skip
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        authorize(request.headers.get("authorization"), api_key)
-        model = {"id": model_name, "object": "model", "created": started, "owned_by": "gpt2-scratch"}
-        return JSONResponse({"object": "list", "data": [model]})
+    add_model_routes(app, service, started)
 
     @app.get("/health")
     async def health() -> Response:

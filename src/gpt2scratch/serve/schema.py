@@ -3,7 +3,9 @@
 Every mistake in a request is an ``APIError`` with OpenAI's error body, ``{"error": {"message", "type", "param",
 "code"}}``, and a 4xx status, so the ``openai`` client raises its usual exceptions. ``top_k`` is accepted as an
 extension (as llama.cpp and vLLM do). Parameters we cannot honour (``suffix``, penalties, ``logit_bias``,
-``best_of`` above ``n``) are refused unless they have their neutral value; unknown ones are refused, as OpenAI does.
+``best_of`` above ``n``) are refused unless they have their neutral value. Fields we do not know are ignored, as
+vLLM and llama.cpp ignore them (clients written for those send several); the request lists them
+(``CompletionRequest.ignored``) so that the server can say so.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from gpt2scratch.tokenizer import EOT_TOKEN, N_VOCAB, decode, encode
 
 MAX_N = 16  # choices per prompt
 MAX_LOGPROBS = 5  # OpenAI's limit
-MAX_STOP = 4  # OpenAI's limit
+MAX_STOP = 64  # OpenAI allows 4; lm-eval's tasks send more, and vLLM and llama.cpp take any number
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "echo", "logprobs",
@@ -65,6 +67,7 @@ class CompletionRequest:
     logprobs: int | None
     stream: bool
     include_usage: bool
+    ignored: tuple[str, ...] = ()  # the body's fields this server does not know, ignored
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -80,10 +83,8 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 def parse_completion(body: dict[str, Any], model: str, block_size: int) -> CompletionRequest:
     """Check a /v1/completions body against OpenAI's rules and the served ``model``; APIError names the field."""
-    unknown = sorted(set(body) - KNOWN)
-    if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
-    get = {key: value for key, value in body.items() if value is not None}.get  # null means "the default"
+    ignored = tuple(sorted(str(key) for key in set(body) - KNOWN))
+    get = {key: value for key, value in body.items() if value is not None and key in KNOWN}.get  # null: the default
     name = get("model", model)
     if not isinstance(name, str):
         raise APIError(400, f"model must be a string, got {_kind(name)}", "model")
@@ -134,7 +135,7 @@ def parse_completion(body: dict[str, Any], model: str, block_size: int) -> Compl
         raise APIError(400, f"user must be a string, got {_kind(get('user'))}", "user")
     return CompletionRequest(
         prompts, texts, max_tokens, temperature, top_p if top_p < 1 else None, top_k if top_k > 0 else None, n,
-        _stop(get("stop", [])), seed, echo, logprobs, stream, include_usage,
+        _stop(get("stop", [])), seed, echo, logprobs, stream, include_usage, ignored,
     )  # fmt: skip
 
 
