@@ -91,8 +91,9 @@ def train_ours(setup: Setup, device: torch.device, work: Path, name: str, **flag
     )  # fmt: skip
     train(cfg)
     records = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-    timed = records[setup.warmup :]
-    wall = (timed[-1]["elapsed"] - records[setup.warmup - 1]["elapsed"]) / len(timed)
+    start = max(1, setup.warmup)  # the first step's record is where the timing starts
+    timed = records[start:]
+    wall = (timed[-1]["elapsed"] - records[start - 1]["elapsed"]) / len(timed)
     return {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed), "seconds_per_step": wall}
 
 

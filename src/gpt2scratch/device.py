@@ -134,7 +134,8 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
 def configure_matmul(device: torch.device) -> None:
     """Turn on the fastest fp32 matmul path that is still fp32-exact on this machine.
 
-    On CUDA that is TF32 only for what autocast does not cover, so we leave 'highest'. On CPUs, PyTorch's default
+    On CUDA this leaves 'highest' (fp32-exact, what inference wants); training turns on TF32 there itself
+    (training/fast.py's ``configure_cuda``). On CPUs, PyTorch's default
     fp32 matmul may run a slow vector path (MKL's AVX2 path on AMD CPUs); precision 'medium' sends it to oneDNN,
     which on CPUs without AMX still computes in fp32. We measure that here and keep 'medium' only if the error
     against float64 stays at fp32 level.

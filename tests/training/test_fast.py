@@ -58,6 +58,11 @@ def test_compile_auto_is_on_for_long_cuda_runs_only(flags: dict, device: torch.d
     assert choice.on is on and choice.why.startswith(why)
 
 
+def test_compile_auto_leaves_fsdp_eager_where_a_failed_compile_could_not_fall_back() -> None:
+    assert not fast.compile_choice(TrainConfig(), CUDA, sharded=True).on
+    assert fast.compile_choice(TrainConfig(compile="on"), CUDA, sharded=True).on
+
+
 def test_pad_vocab_auto_is_on_for_cuda_only() -> None:
     assert fast.pad_choice(TrainConfig(), CUDA).on and not fast.pad_choice(TrainConfig(), CPU).on
     assert fast.pad_choice(TrainConfig(pad_vocab="on"), CPU).on

@@ -40,6 +40,12 @@ def test_flops_per_token_is_6n_plus_12lct() -> None:
         ("NVIDIA GeForce RTX 4090", ["bf16"], 165.2e12),
         ("Tesla V100-SXM2-16GB", ["bf16", "fp16"], 125e12),  # no bf16 there: fp16's peak
         ("Tesla T4", ["fp16"], 65e12),
+        ("NVIDIA L40", ["bf16"], 181e12),  # not the L4's
+        ("NVIDIA H100 NVL", ["bf16"], 835e12),
+        ("NVIDIA GH200 480GB", ["bf16"], 989e12),
+        ("NVIDIA RTX A1000", ["bf16"], None),  # not an A100
+        ("NVIDIA RTX A4000", ["bf16"], None),  # not an A40
+        ("NVIDIA T400", ["bf16"], None),  # not a T4
         ("NVIDIA GeForce GTX 1080", ["bf16"], None),
     ],
 )

@@ -25,14 +25,15 @@ class HostStaging:
 
     def stage(self, state: Any) -> tuple[Any, torch.cuda.Event | None]:
         shared: dict[tuple, torch.Tensor] = {}
-        asynchronous = [False]
+        gpus: set[torch.device] = set()
 
         def copy(value: Any, where: str) -> Any:
             if isinstance(value, torch.Tensor):
                 key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
                 if key not in shared:
                     shared[key] = self._copy(value.detach(), where)
-                    asynchronous[0] |= value.is_cuda
+                    if value.is_cuda:
+                        gpus.add(value.device)
                 return shared[key]
             if isinstance(value, dict):
                 return {k: copy(v, f"{where}/{k}") for k, v in value.items()}
@@ -43,9 +44,10 @@ class HostStaging:
 
         staged = copy(state, "")
         event = None
-        if asynchronous[0]:
+        if gpus:
+            assert len(gpus) == 1, f"a checkpoint's tensors on several GPUs: {sorted(map(str, gpus))}"
             event = torch.cuda.Event()
-            event.record()  # on the current stream, after the copies
+            event.record(torch.cuda.current_stream(gpus.pop()))  # on the stream of the copies, after them
         return staged, event
 
     def _copy(self, tensor: torch.Tensor, where: str) -> torch.Tensor:

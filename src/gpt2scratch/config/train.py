@@ -71,8 +71,8 @@ class TrainConfig:
     batch_tokens: int | None = field(
         default=None,
         metadata=option(
-            "tokens per optimizer step over all processes (e.g. 524288); sets --grad-accum from -B, -T and the "
-            "number of processes"
+            "tokens per optimizer step over all processes (e.g. 524288); --grad-accum then follows from -B, -T and "
+            "the number of processes (a --grad-accum given beside it must agree, 1 aside)"
         ),
     )
     lr: float = field(default=3e-4, metadata=option("peak learning rate"))

@@ -103,7 +103,8 @@ class StaticDecoder:
                 self._capture()
             if self._graph is not None:
                 self._token.copy_(token)
-                self._graph.replay()
+                with torch.cuda.device(self.device):  # the model's GPU, which need not be the current one
+                    self._graph.replay()
                 assert self._logits is not None
                 logits = self._logits.clone()  # the next replay overwrites the output
             else:
@@ -118,19 +119,24 @@ class StaticDecoder:
     def _capture(self) -> None:
         """Record the one-token step into a CUDA graph. The warm-up runs (which choose kernels and allocate) write
         the position about to be written anyway, and the filled length is put back after them."""
+        length = self.cache.length.clone()
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._one_token(self._token)
-                    self.cache.length -= 1
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # recorded, not run: the cache is as the warm-up left it
-                self._logits = self._one_token(self._token)
+            with torch.cuda.device(self.device):  # streams and graphs of the model's GPU, not the current one's
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._one_token(self._token)
+                        self.cache.length.copy_(length)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # Recorded, not run: the cache stays as the warm-up left it. thread_local: the snapshot writer's
+                # thread may synchronize with the GPU while this captures.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self._logits = self._one_token(self._token)
             self._graph = graph
         except Exception as err:  # an operation that cannot be captured, a driver that refuses
+            self.cache.length.copy_(length)  # whatever the failure interrupted, the step starts where it was
             detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             log.warning("capturing the decoding step as a CUDA graph failed (%s: %s); decoding without it",
                         type(err).__name__, detail)  # fmt: skip

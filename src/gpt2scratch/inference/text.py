@@ -53,16 +53,17 @@ def check_memory(model: GPT, batch: int, prompt_len: int, new: int) -> None:
         )
 
 
-def generate_text(model: GPT, prompt: str, sampling: SamplingConfig) -> list[str]:
+def generate_text(model: GPT, prompt: str, sampling: SamplingConfig, static: bool | None = None) -> list[str]:
     """``num_samples`` continuations of ``prompt``, each with the prompt in front, generated as one batch
-    on the model's device and in its dtype (see ``inference.load.for_inference``)."""
+    on the model's device and in its dtype (see ``inference.load.for_inference``); ``static`` as ``stream``'s."""
     ids, new = prompt_ids(model, prompt, sampling)
     check_memory(model, sampling.num_samples, len(ids), new)  # before the first allocation of num_samples rows
     device = model.transformer.wte.weight.device
     idx = torch.tensor([ids] * sampling.num_samples, dtype=torch.long, device=device)  # (B, T)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     eos_token = EOT_TOKEN if sampling.stop_at_eot else None
-    out = generate(model, idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator, eos_token)
+    out = generate(model, idx, new, sampling.temperature, sampling.top_k, sampling.top_p, generator, eos_token,
+                   static=static)  # fmt: skip
     return [decode(_until_eot(row.tolist(), len(ids), sampling.stop_at_eot)) for row in out]
 
 

@@ -11,7 +11,7 @@ from gpt2scratch.errors import DeviceError
 from gpt2scratch.inference.load import for_inference
 from gpt2scratch.inference.text import generate_text
 from gpt2scratch.model import GPT
-from gpt2scratch.training import flops, plan
+from gpt2scratch.training import fast, flops, plan
 from gpt2scratch.training.loop import train
 
 
@@ -40,6 +40,7 @@ def planned_peak(cfg: TrainConfig) -> float | None:
         return cfg.peak_flops
     try:
         device = pick_device(cfg.device)
+        fast.configure_cuda(device)  # TF32 for fp32 matmuls, as training sets it: the peak is TF32's
         return flops.peak_flops(device, pick_dtype(cfg.dtype, device))
     except DeviceError:
         if cfg.device.split(":")[0] in ("cuda", "mps"):  # a plan made on another machine: its peak is unknown here

@@ -49,19 +49,22 @@ class Speed:
         return f"torch.compile: {self.compile}; padded vocabulary: {self.pad}; deferred snapshots: {self.defer}"
 
 
-def choose(cfg: TrainConfig, device: torch.device) -> Speed:
-    """What ``cfg`` and the device call for (see each choice)."""
-    return Speed(compile_choice(cfg, device), pad_choice(cfg, device), defer_choice(cfg, device))
+def choose(cfg: TrainConfig, device: torch.device, sharded: bool = False) -> Speed:
+    """What ``cfg`` and the device call for (see each choice); ``sharded``: the run is under FSDP."""
+    return Speed(compile_choice(cfg, device, sharded), pad_choice(cfg, device), defer_choice(cfg, device))
 
 
-def compile_choice(cfg: TrainConfig, device: torch.device) -> Choice:
+def compile_choice(cfg: TrainConfig, device: torch.device, sharded: bool = False) -> Choice:
     """Whether to torch.compile the model: --compile on/off as given; auto compiles CUDA runs of at least
     MIN_COMPILED_STEPS steps (or without --max-steps), never on CPUs or MPS (there eager keeps the seed's default
-    run bit for bit, and its warm-up would dominate the short runs a CPU trains)."""
+    run bit for bit, and its warm-up would dominate the short runs a CPU trains), nor under FSDP, whose blocks are
+    compiled one by one before sharding, where a compiler that fails could not fall back to eager."""
     if cfg.compile != "auto":
         return Choice(cfg.compile == "on", f"--compile {cfg.compile}")
     if device.type != "cuda":
         return Choice(False, f"auto: eager on {device.type}; --compile on to compile anyway")
+    if sharded:
+        return Choice(False, "auto: eager under FSDP; --compile on compiles each block")
     if cfg.max_steps is not None and cfg.max_steps < MIN_COMPILED_STEPS:
         return Choice(False, f"auto: {cfg.max_steps} steps do not repay the warm-up; --compile on to compile anyway")
     return Choice(True, "auto: a CUDA run long enough to repay the ~30-60 s warm-up")

@@ -8,6 +8,8 @@ once, as the output head it is tied to. MFU is those FLOPs times tokens per seco
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from gpt2scratch.config import GPTConfig
@@ -15,13 +17,18 @@ from gpt2scratch.model import GPT
 from gpt2scratch.training.state import TrainState
 
 # Dense (no sparsity) peak FLOP/s from the vendors' data sheets: tensor cores in bf16/fp16 with fp32 accumulation,
-# TF32, and plain fp32. The first entry whose key is in the device's name wins, so longer names come first.
+# TF32, and plain fp32. The first entry whose key is a whole word of the device's name wins ("L4" is not "L40", nor
+# "A100" "RTX A1000"), so longer names come first.
 PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200 NVL", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    ("GH200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),
     ("H200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),
+    ("H100 NVL", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
     ("H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
     ("H100", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),  # SXM
     ("A100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
     ("L40S", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("L40", {"bf16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
     ("A40", {"bf16": 149.7e12, "tf32": 74.8e12, "fp32": 37.4e12}),
     ("A10G", {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),  # AWS's variant; NVIDIA publishes no sheet for it
     ("A10", {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
@@ -61,7 +68,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 def peak_of(name: str, kinds: list[str]) -> float | None:
     """The first of ``kinds`` that PEAKS knows for a device called ``name``."""
     for key, peaks in PEAKS:
-        if key in name:
+        if re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", name):
             return next((peaks[kind] for kind in kinds if kind in peaks), None)
     return None
 

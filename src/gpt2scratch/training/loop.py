@@ -131,7 +131,7 @@ def set_up(
     model = initial_model(cfg, resume).to(device)
     if world.is_main:
         check_before_training(cfg, model)
-    speed = fast.choose(cfg, device)
+    speed = fast.choose(cfg, device, sharded=fsdp)
     if speed.pad.on:
         model.pad_head(fast.padded(model.config.vocab_size))
     if world.is_main:
