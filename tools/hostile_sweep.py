@@ -1134,6 +1134,33 @@ def export_cases() -> list[Case]:
             {0},
             ("hf/**",),
         ),
+        # issue 25: GGUF
+        "gguf-ok": (["export", "snap.pt", "m.gguf", "--format", "gguf", "--outtype", "q8_0"], snap(), {0}, ()),
+        "gguf-onto-checkpoint": (["export", "snap.pt", "snap.pt", "--format", "gguf", "--force"], snap(), {2}, ()),
+        "gguf-existing": (["export", "snap.pt", "input.txt", "--format", "gguf"], both(snap(), text()), {2}, ()),
+        "gguf-force-existing": (
+            ["export", "snap.pt", "input.txt", "--format", "gguf", "--force"],
+            both(snap(), text()),
+            {0},
+            ("input.txt",),
+        ),
+        "gguf-onto-dir": (
+            ["export", "snap.pt", "hf", "--format", "gguf", "--force"],
+            both(snap(), copy_of("hf", "hf")),
+            {2},
+            (),
+        ),
+        "gguf-into-proc": (["export", "snap.pt", "/proc/m.gguf", "--format", "gguf"], snap(), {1}, ()),
+        "gguf-into-missing-dir": (["export", "snap.pt", "a/b/m.gguf", "--format", "gguf"], snap(), {0}, ()),
+        "gguf-fifo": (
+            ["export", "snap.pt", "f.gguf", "--format", "gguf", "--force"],
+            both(snap(), fifo("f.gguf")),
+            {0, 1, 2},
+            ("f.gguf",),
+        ),
+        "gguf-bad-format": (["export", "snap.pt", "m", "--format", "onnx"], snap(), {2}, ()),
+        "gguf-outtype-with-hf": (["export", "snap.pt", "m", "--outtype", "f16"], snap(), {2}, ()),
+        "gguf-bad-outtype": (["export", "snap.pt", "m.gguf", "--format", "gguf", "--outtype", "q2"], snap(), {2}, ()),
     }
     return [Case("export", name, argv, setup, codes, own=own) for name, (argv, setup, codes, own) in cases.items()]
 

@@ -236,6 +236,11 @@ BAD_REQUESTS = {
     "detokenize a string": (("POST", "/detokenize", {"tokens": "abc"}), 400, "tokens must be a list of token ids"),
     "detokenize past the vocabulary": (("POST", "/detokenize", {"tokens": [50257]}), 400, "outside the vocabulary"),
     "tokenize bad JSON": (("POST", "/tokenize", b"{"), 400, "not valid JSON"),
+    "tokenize a number": (("POST", "/tokenize", {"prompt": 5}), 400, "prompt must be a string"),
+    "tokenize a list body": (("POST", "/tokenize", ["a"]), 400, "must be a JSON object"),
+    "detokenize booleans": (("POST", "/detokenize", {"tokens": [True, 1]}), 400, "tokens must be a list of token ids"),
+    "detokenize nested lists": (("POST", "/detokenize", {"tokens": [[1]]}), 400, "tokens must be a list of token ids"),
+    "detokenize a negative id": (("POST", "/detokenize", {"tokens": [-1]}), 400, "outside the vocabulary"),
 }
 
 

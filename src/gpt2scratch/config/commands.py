@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gpt2scratch.config.fields import (
+    GGUF_TYPES,
     INFERENCE_DTYPES,
     QUANTIZE,
     QUANTIZE_HELP,
@@ -154,19 +155,44 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """``gpt2-scratch export``: a checkpoint of ours written as a transformers model directory."""
+    """``gpt2-scratch export``: a checkpoint of ours written as a transformers model directory, or as a GGUF file
+    for llama.cpp and the tools built on it."""
 
     checkpoint: str = field(metadata=option("a checkpoint written by train", positional=True))
     out_dir: str = field(
-        metadata=option("directory to write (config.json, model.safetensors, tokenizer files)", positional=True)
+        metadata=option(
+            "what to write: a directory (--format hf: config.json, model.safetensors, tokenizer files) or a .gguf "
+            "file (--format gguf)",
+            positional=True,
+        )
+    )
+    format: str = field(
+        default="hf",
+        metadata=option("hf: a transformers directory; gguf: one file for llama.cpp/Ollama", choices=("hf", "gguf")),
+    )
+    outtype: str | None = field(
+        default=None,
+        metadata=option(
+            "with --format gguf, the matrices' type: f32 (the default, the weights as trained), f16, bf16 or q8_0; "
+            "vectors and norms stay f32, as llama.cpp's converter keeps them",
+            choices=GGUF_TYPES,
+        ),
     )
     force: bool = field(
         default=False,
-        metadata=option("replace OUT_DIR if it holds nothing but a model directory's files (they are deleted)"),
+        metadata=option(
+            "replace OUT_DIR if it holds nothing but a model directory's files (they are deleted), or a .gguf file"
+        ),
     )
 
     def __post_init__(self) -> None:
         refuse_empty(self, "checkpoint", "out_dir")
+        if self.format not in ("hf", "gguf"):
+            raise UsageError(f"--format must be hf or gguf, got {self.format!r}")
+        if self.outtype is not None and self.format != "gguf":
+            raise UsageError("--outtype applies to --format gguf; a transformers directory keeps the weights in fp32")
+        if self.outtype is not None and self.outtype not in GGUF_TYPES:
+            raise UsageError(f"--outtype must be one of {', '.join(GGUF_TYPES)}, got {self.outtype!r}")
 
 
 @dataclass(frozen=True)

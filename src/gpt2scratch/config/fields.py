@@ -15,6 +15,7 @@ from gpt2scratch.errors import UsageError
 TRAIN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 INFERENCE_DTYPES = (*TRAIN_DTYPES, "float64")  # float64: exact comparisons (tests), never fast
 QUANTIZE = ("none", "int8")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what llama.cpp's converter writes GPT-2's matrices in
 SWITCH = ("auto", "on", "off")  # an optimization: on, off, or as the device and the run call for
 QUANTIZE_HELP = "int8: weights stored in int8 (one scale per output channel), computed in --dtype; CPU only"
 

@@ -162,6 +162,15 @@ class TrainConfig:
     tensorboard: bool = field(
         default=False, metadata=option("also write the metrics as TensorBoard events to tensorboard/")
     )
+    wandb: bool = field(
+        default=False,
+        metadata=option(
+            "also log the metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline keeps them on this "
+            "machine)"
+        ),
+    )
+    wandb_project: str = field(default="gpt2-scratch", metadata=option("the W&B project of --wandb"))
+    wandb_run_name: str | None = field(default=None, metadata=option("the W&B run's name (default: W&B's)"))
     sample_interval: int = field(
         default=0, metadata=option("steps between samples during training, printed and logged (0: only at the end)")
     )
@@ -223,6 +232,10 @@ class TrainConfig:
         self._validate_optimizer()
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # now, not after tokenizing
             raise UsageError('--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"')
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise UsageError('--wandb needs the wandb package: pip install -e ".[wandb]"')
+        if not self.wandb_project:
+            raise UsageError("--wandb-project must not be empty")
         refuse_beyond_64_bits(self)
         model = self.model_config()
         if self.seq_len > model.block_size:

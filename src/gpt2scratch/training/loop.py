@@ -236,7 +236,7 @@ def train_loop(state: TrainState, stop: StopSignals) -> TrainResult:
     forward = fast.CompiledOrEager(wrapped) if state.speed.compile.on and not sharded_model else wrapped
     checkpoints = Checkpoints.of_run(state, sharded_model)
     evaluates = world.is_main or sharded_model  # under FSDP a forward pass needs every rank
-    metrics = MetricsLog.of_run(out_dir, state.step, cfg.tensorboard, world.is_main)
+    metrics = MetricsLog.of_run(cfg, state.step, world.is_main)
     first_step = state.step
     questions = read_choices(cfg.hellaswag, cfg.hellaswag_limit) if cfg.hellaswag and evaluates else None
     note = {"changed_on_resume": state.changes[-1]["changed"]} if state.changes else {}  # on the first record

@@ -1,5 +1,5 @@
 """What a run reports as it goes: ``metrics.jsonl`` (one JSON object per step), the same as TensorBoard scalars
-(``--tensorboard``), and the live progress line."""
+(``--tensorboard``) and in Weights & Biases (``--wandb``), and the live progress line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gpt2scratch.config import TrainConfig
 from gpt2scratch.training.rundir import METRICS_NAME, TENSORBOARD_DIR
+from gpt2scratch.training.wandb_log import WandbLog
 
 # The TensorBoard tag of each record key that has one; a step's record gives the tags of the keys it holds.
 TENSORBOARD_TAGS = {
@@ -23,11 +25,15 @@ TENSORBOARD_TAGS = {
 
 class MetricsLog:
     """``metrics.jsonl``, appended (so a resumed run continues the file), and with ``tensorboard`` (a folder) the
-    same records as TensorBoard scalars. Rank 0 only: other ranks pass no path."""
+    same records as TensorBoard scalars, with ``wandb`` (a WandbLog) in Weights & Biases. Rank 0 only: other ranks
+    pass no path."""
 
-    def __init__(self, path: Path | None, after_step: int = 0, tensorboard: Path | None = None):
+    def __init__(
+        self, path: Path | None, after_step: int = 0, tensorboard: Path | None = None, wandb: WandbLog | None = None
+    ):
         self._file = None
         self._writer: Any = None
+        self._wandb = wandb
         if path is None:
             return
         if tensorboard is not None:
@@ -43,14 +49,21 @@ class MetricsLog:
         self._file = open(path, "a")  # noqa: SIM115 (closed by close())
 
     @classmethod
-    def of_run(cls, out_dir: Path, after_step: int, tensorboard: bool, main: bool) -> MetricsLog:
-        """The log of the run in ``out_dir`` (``metrics.jsonl``, and ``tensorboard/`` if asked): rank 0's; an
-        empty one elsewhere."""
+    def of_run(cls, cfg: TrainConfig, after_step: int, main: bool) -> MetricsLog:
+        """The log of the run ``cfg`` describes (``metrics.jsonl``, and ``tensorboard/`` and W&B if asked): rank
+        0's; an empty one elsewhere."""
         if not main:
             return cls(None)
-        return cls(out_dir / METRICS_NAME, after_step, out_dir / TENSORBOARD_DIR if tensorboard else None)
+        out_dir = Path(cfg.out_dir)
+        wandb = None
+        if cfg.wandb:
+            wandb = WandbLog(out_dir, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict(), TENSORBOARD_TAGS)
+        tensorboard = out_dir / TENSORBOARD_DIR if cfg.tensorboard else None
+        return cls(out_dir / METRICS_NAME, after_step, tensorboard, wandb)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            self._wandb.log(record)
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -64,6 +77,9 @@ class MetricsLog:
             self._writer.flush()  # a run being watched shows each step, as metrics.jsonl does
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self._file is not None:
             self._file.close()
         if self._writer is not None:
