@@ -187,7 +187,7 @@ def test_lm_eval_command_line_runs_tasks_with_the_backend(
 
 # ---- lm-eval's own local-completions against `gpt2-scratch serve` (issue 25) ----
 
-SHORT_TEXTS = ["A short line.", "word " * 40]  # each within one request of the 64-token context
+LONG_CHOICES = [*CHOICES, {"question": "a " * 100, "choices": ["b c", "d"], "label": 0}]  # past the context
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_the_harness_tells_local_completions_the_served_context(served: Any) -> 
     from gpt2scratch.eval.harness import with_server_context
 
     argv = ["--model", "local-completions", "--model_args", f"base_url={served.url}/v1/completions,model=m"]
-    assert with_server_context(argv)[-1] == f"base_url={served.url}/v1/completions,model=m,max_length=64"
+    assert with_server_context(argv)[-1] == f"base_url={served.url}/v1/completions,model=m,max_length=66"
     given = ["--model", "local-completions", "--model_args", f"base_url={served.url}/v1/completions,max_length=9"]
     assert with_server_context(given) == given
     assert with_server_context(["--model", "hf", "--model_args", "pretrained=x"]) == ["--model", "hf", "--model_args",
@@ -222,16 +222,17 @@ def test_lm_eval_local_completions_through_the_server_matches_our_backend(
 ) -> None:
     """lm-eval's ``local-completions`` with no tokenizer and no max_length: it finds the server's tokenizer
     endpoints (``tokenizer_backend=auto`` -> remote) and the harness gives it the served context. Loglikelihood,
-    rolling loglikelihood and generation equal our backend's on the same weights (float64 on both sides)."""
+    rolling loglikelihood and generation equal our backend's on the same weights (float64 on both sides), a
+    question and a document longer than the context included."""
     import httpx
 
     from gpt2scratch.eval.harness import GPT2ScratchLM, main
 
     write_tasks(tmp_path)
-    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in SHORT_TEXTS))
-    (tmp_path / "tiny_short.yaml").write_text(
-        (tmp_path / "tiny_text.yaml").read_text().replace("task: tiny_text", "task: tiny_short")
-        .replace("text.jsonl", "short.jsonl")
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(item) + "\n" for item in LONG_CHOICES))
+    (tmp_path / "tiny_long.yaml").write_text(
+        (tmp_path / "tiny_choice.yaml").read_text().replace("task: tiny_choice", "task: tiny_long")
+        .replace("choice.jsonl", "long.jsonl")
     )  # fmt: skip
     (tmp_path / "tiny_gen.yaml").write_text(
         (tmp_path / "tiny_choice.yaml").read_text().split("output_type")[0].replace("tiny_choice", "tiny_gen")
@@ -242,18 +243,18 @@ def test_lm_eval_local_completions_through_the_server_matches_our_backend(
     name = httpx.get(f"{served.url}/v1/models").json()["data"][0]["id"]
     model_args = f"base_url={served.url}/v1/completions,model={name},num_concurrent=1"
     monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "local-completions", "--model_args", model_args,
-                                      "--tasks", "tiny_choice,tiny_short,tiny_gen", "--include_path", str(tmp_path),
+                                      "--tasks", "tiny_long,tiny_text,tiny_gen", "--include_path", str(tmp_path),
                                       "--output_path", str(tmp_path / "out"), "--log_samples"])  # fmt: skip
     main()
     ours = GPT2ScratchLM(pretrained=str(weights["hf"]), dtype="float64", device="cpu", batch_size=3)
-    for task, kind in [("tiny_choice", "loglikelihood"), ("tiny_short", "loglikelihood_rolling"),
+    for task, kind in [("tiny_long", "loglikelihood"), ("tiny_text", "loglikelihood_rolling"),
                        ("tiny_gen", "generate_until")]:  # fmt: skip
         (log,) = (tmp_path / "out").rglob(f"samples_{task}_*.jsonl")
         samples = [json.loads(line) for line in log.read_text().splitlines()]
         args = [tuple(a.values()) for sample in samples for a in sample["arguments"].values()]
         logged = [r for s in samples for r in s["resps"]]
         expected = getattr(ours, kind)(requests(kind, *args))
-        assert len(logged) == len(args) == {"loglikelihood": 8, "loglikelihood_rolling": 2, "generate_until": 3}[kind]
+        assert len(logged) == len(args) == {"loglikelihood": 10, "loglikelihood_rolling": 2, "generate_until": 3}[kind]
         if kind == "generate_until":
             assert [r[0] for r in logged] == expected
         elif kind == "loglikelihood":

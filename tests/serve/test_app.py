@@ -456,3 +456,29 @@ def test_unknown_fields_are_ignored_listed_in_a_header_and_logged_once(main: Ser
     plain = httpx.post(f"{main.url}/v1/completions", json={"prompt": "a", "max_tokens": 1},
                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
     assert "X-Ignored-Fields" not in plain.headers
+
+
+def test_what_fits_the_context_reaches_one_past_it(main: Server, model: GPT) -> None:
+    """The last new token is never fed back, so prompt + max_tokens may be the block + 1; an echoed prompt may be the
+    block + 1 itself (its first token is only context), as lm-eval's local-completions sends its windows."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    ids = encode("one two three four five six seven eight nine ten " * 10)[:65]  # the block (64) + 1
+    assert len(ids) == 65
+
+    def post(body: dict) -> Any:
+        return httpx.post(f"{main.url}/v1/completions", json=body, headers=headers, timeout=60)
+
+    scored = post({"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0})
+    assert scored.status_code == 200, scored.text
+    got = scored.json()["choices"][0]["logprobs"]["token_logprobs"][1:65]  # the prompt's, after its first token
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]))
+    expected = logits[0].double().log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert post({"prompt": ids[:60], "max_tokens": 5, "temperature": 0}).status_code == 200  # 65 = block + 1
+    refused = post({"prompt": ids[:60], "max_tokens": 6})
+    assert refused.status_code == 400 and "context_length_exceeded" in refused.text
+    assert post({"prompt": ids, "max_tokens": 1}).status_code == 400  # without echo the prompt must fit
+    assert post({"prompt": ids, "max_tokens": 2, "echo": True}).status_code == 400

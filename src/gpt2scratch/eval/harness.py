@@ -177,9 +177,11 @@ def main() -> None:
 
 def with_server_context(argv: list[str]) -> list[str]:
     """``argv`` with ``max_length`` added to the model args of a ``local-completions`` model that has a
-    ``base_url`` and no ``max_length``: the ``max_model_len`` that the server's ``/v1/models`` gives (ours does, as
-    vLLM's does). lm-eval 0.4 does not ask, and assumes 2048, which a GPT-2 server refuses (1024). Unchanged if the
-    server does not say."""
+    ``base_url`` and no ``max_length``, from the ``max_model_len`` that the server's ``/v1/models`` gives (ours does,
+    as vLLM's does). lm-eval 0.4 does not ask, and assumes 2048, which a GPT-2 server refuses (1024). It is the
+    context + 2: lm-eval's API models keep one token for generation and score rolling windows one shorter still, so
+    that with it they send the windows this backend and lm-eval's hf backend score (``context + 1`` tokens, which
+    the server takes for scoring: serve/schema.py's ``fits``). Unchanged if the server does not say."""
     if "--model" not in argv or "--model_args" not in argv:
         return argv
     model, at = argv[argv.index("--model") + 1], argv.index("--model_args") + 1
@@ -197,8 +199,8 @@ def with_server_context(argv: list[str]) -> list[str]:
         return argv
     if not isinstance(length, int) or length <= 1:
         return argv
-    print(f"local-completions: max_length={length}, the server's max_model_len", file=sys.stderr)
-    return [*argv[:at], f"{argv[at]},max_length={length}", *argv[at + 1 :]]
+    print(f"local-completions: max_length={length + 2}, from the server's max_model_len {length}", file=sys.stderr)
+    return [*argv[:at], f"{argv[at]},max_length={length + 2}", *argv[at + 1 :]]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from gpt2scratch.config.commands import SEEDS
@@ -46,8 +47,8 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20  # bytes of a request body; a full-context prompt as token ids is ~10 KB
 RETRY_AFTER = "1"  # seconds a client told 429 should wait: a sequence of the batch ends every few tokens
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
-          "/health", "/metrics")  # fmt: skip
+ROUTES = ("/", "/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
+          "/tokenizer_info", "/health", "/metrics")  # fmt: skip
 
 
 def authorize(header: str | None, api_key: str | None) -> None:
@@ -156,6 +157,22 @@ async def complete(service: Service, request: Any) -> Any:
     return JSONResponse(collect.result(), headers=headers)
 
 
+PLAYGROUND = Path(__file__).with_name("playground.html")
+
+
+def add_playground(app: Any) -> None:
+    """GET /: the playground, one HTML page with its script inline (no build step, nothing from elsewhere). The page
+    is public; what it asks of the API needs the key as any client's request does."""
+    from fastapi.responses import HTMLResponse, Response
+
+    page = PLAYGROUND.read_text(encoding="utf-8")
+
+    @app.get("/")
+    async def playground() -> Response:
+        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' "
+                                           "'unsafe-inline'; script-src 'self' 'unsafe-inline'"})  # fmt: skip
+
+
 def add_model_routes(app: Any, service: Service, started: int) -> None:
     """What a client asks about the model: GET /v1/models (with its context, ``max_model_len``, as vLLM's), and the
     tokenizer: POST /tokenize, POST /detokenize and GET /tokenizer_info (serve/tokenize.py); behind the same key."""
@@ -231,6 +248,7 @@ def make_app(engine: Engine, model_name: str, api_key: str | None, max_queue: in
                        "POST /v1/completions instead.", code="unsupported_endpoint")  # fmt: skip
 
     add_model_routes(app, service, started)
+    add_playground(app)
 
     @app.get("/health")
     async def health() -> Response:

@@ -311,7 +311,8 @@ class Batcher:
         if not ready:
             return
         try:
-            logits = self.engine.prefill([seq.prompt for seq in ready])  # (m, V)
+            # An echoed prompt may be one token longer than a slot: it is continued from its last max_len tokens.
+            logits = self.engine.prefill([seq.prompt[-self.engine.cache.max_len :] for seq in ready])  # (m, V)
         except Exception as err:
             log.exception("prefill failed")
             for seq in ready:

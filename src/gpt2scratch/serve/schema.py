@@ -99,8 +99,9 @@ def parse_completion(body: dict[str, Any], model: str, block_size: int) -> Compl
     if best_of != n:
         raise APIError(400, f"best_of must equal n ({n}): this server returns every completion it makes", "best_of")
     max_tokens = _integer(get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens", 0, None)
+    echo = _boolean(get("echo", False), "echo")
     for i, ids in enumerate(prompts):
-        if len(ids) + max_tokens > block_size:
+        if not fits(len(ids), max_tokens, block_size, echo):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
             raise APIError(
                 400,
@@ -120,7 +121,7 @@ def parse_completion(body: dict[str, Any], model: str, block_size: int) -> Compl
     logprobs = get("logprobs")
     if logprobs is not None:
         logprobs = _integer(logprobs, "logprobs", 0, MAX_LOGPROBS)
-    echo, stream = _boolean(get("echo", False), "echo"), _boolean(get("stream", False), "stream")
+    stream = _boolean(get("stream", False), "stream")
     include_usage = False
     options = get("stream_options", {})
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
@@ -137,6 +138,16 @@ def parse_completion(body: dict[str, Any], model: str, block_size: int) -> Compl
         prompts, texts, max_tokens, temperature, top_p if top_p < 1 else None, top_k if top_k > 0 else None, n,
         _stop(get("stop", [])), seed, echo, logprobs, stream, include_usage, ignored,
     )  # fmt: skip
+
+
+def fits(prompt: int, max_tokens: int, block: int, echo: bool) -> bool:
+    """Whether a prompt of ``prompt`` tokens and ``max_tokens`` new ones fit a model of context ``block``. The last
+    new token is never fed back, so prompt + max_tokens may reach block + 1. With ``echo``, a prompt may also be
+    block + 1 tokens (its first has nothing to predict it, so one pass of block scores the rest), and then continues
+    from its last ``block`` tokens: lm-eval scores windows of exactly that length through ``local-completions``."""
+    if echo and prompt == block + 1:
+        return max_tokens <= 1
+    return prompt <= block and prompt + max_tokens <= block + 1
 
 
 def _prompts(prompt: Any) -> tuple[list[list[int]], list[str]]:
