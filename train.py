@@ -10,4 +10,4 @@ except ImportError:  # a checkout that is not pip-installed: use the package bes
     from gpt2scratch.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]], exiting=True))

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import resource
@@ -447,3 +448,15 @@ def save_model(folder: Path, config: GPTConfig) -> Path:
             param.add_(torch.randn_like(param) * 0.1)  # spread out the next-token distribution
     export(model, folder)
     return folder
+
+
+@pytest.fixture
+def in_process(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Run ``train`` here on one thread, and give back the global torch state it sets (seed, matmul precision)."""
+    threads, precision, rng = torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.get_rng_state()
+    torch.set_num_threads(1)
+    caplog.set_level(logging.INFO, logger="gpt2scratch")
+    yield
+    torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision(precision)
+    torch.set_rng_state(rng)

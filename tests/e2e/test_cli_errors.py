@@ -428,3 +428,33 @@ def test_resuming_into_another_run_changes_none_of_its_files(snapshot: Path, tmp
     assert code == 1 and "holds another run" in err, err
     after = {p: digest(p) for p in victim.rglob("*") if p.is_file() and p.name != ".gpt2scratch.lock"}
     assert after == before
+
+
+def test_a_process_entry_ignores_stop_signals_once_its_exit_code_is_decided(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The sweep's consolidate/SIGTERM: a SIGTERM landing while Python tore down after a finished command killed the
+    process (-15) instead of letting it exit 0. As the process's entry (no argv given), main ignores stop signals
+    once it returns; called with an argv, as here and by other code, it leaves the handlers as they were."""
+    import logging
+    import signal
+
+    from gpt2scratch.cli import main
+    from gpt2scratch.signals import SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # main configures the root logger, as a process's entry does
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["train", "--print-plan"]) == 0
+        assert {sig: signal.getsignal(sig) for sig in SIGNALS} == before
+        monkeypatch.setattr(sys, "argv", ["gpt2-scratch", "train", "--print-plan"])
+        assert main() == 0
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert "tokens per step" in capsys.readouterr().out

@@ -9,7 +9,6 @@ every write is waited for before the next step, so the steps at which snapshots 
 
 from __future__ import annotations
 
-import logging
 import re
 import signal
 import subprocess
@@ -17,11 +16,9 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import ONE_THREAD, SAMPLE_TEXT, child_env, metrics, tiny_config
 
 from gpt2scratch.checkpoint.format import CheckpointWriter, read_checkpoint
@@ -29,17 +26,6 @@ from gpt2scratch.training.loop import train
 from gpt2scratch.training.metrics import MetricsLog
 
 FLAGS = ["--target-loss", "0", "--snapshot-interval", "3", "--keep-snapshots", "0", "--dropout", "0.1"]
-
-
-@pytest.fixture
-def in_process(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    threads, precision, rng = torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.get_rng_state()
-    torch.set_num_threads(1)
-    caplog.set_level(logging.INFO, logger="gpt2scratch")
-    yield
-    torch.set_num_threads(threads)
-    torch.set_float32_matmul_precision(precision)
-    torch.set_rng_state(rng)
 
 
 def hold_first_write_until(monkeypatch: pytest.MonkeyPatch, step: int) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,6 @@ from gpt2scratch.training import fast
 from gpt2scratch.training.loop import train
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU; nothing runs on it here
-
-
-@pytest.fixture
-def in_process(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    threads, precision, rng = torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.get_rng_state()
-    torch.set_num_threads(1)
-    caplog.set_level(logging.INFO, logger="gpt2scratch")
-    yield
-    torch.set_num_threads(threads)
-    torch.set_float32_matmul_precision(precision)
-    torch.set_rng_state(rng)
 
 
 def run_config(tmp_path: Path, out: str, *flags: str) -> TrainConfig:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +81,6 @@ def snapshot_steps(out_dir: Path) -> list[int]:
 
 def load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@pytest.fixture
-def in_process(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Run ``train`` here on one thread, and give back the global torch state it sets (seed, matmul precision)."""
-    threads, precision, rng = torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.get_rng_state()
-    torch.set_num_threads(1)
-    caplog.set_level(logging.INFO, logger="gpt2scratch")
-    yield
-    torch.set_num_threads(threads)
-    torch.set_float32_matmul_precision(precision)
-    torch.set_rng_state(rng)
 
 
 # ---- a run to the target loss: exit code, snapshots, files, metrics, samples ----

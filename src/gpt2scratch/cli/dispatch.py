@@ -87,19 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 failure, 2 usage error, 130 interrupted)."""
+def main(argv: Sequence[str] | None = None, exiting: bool | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 failure, 2 usage error, 130 interrupted).
+
+    ``exiting`` (default: when ``argv`` is None, i.e. the console script and ``python -m gpt2scratch``): the process
+    ends once this returns, so stop signals are ignored from then on. The exit code is decided; without this, a
+    SIGTERM that lands while Python tears down (torch's modules take a moment) would end the process by the signal,
+    and its parent would see a death instead of the command's code."""
     raw = list(sys.argv[1:] if argv is None else argv)
     if isinstance(sys.stdout, io.TextIOWrapper):  # a sample in a terminal that cannot show it: escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(raw)
     with stopping_at_once():  # a training run installs its own handlers once it starts (signals.py)
         try:
-            return _run(args, raw)
+            code = _run(args, raw)
         except Stopped as err:  # a signal that came while the command's own error was being reported
             ignore_stop_signals()
             print(f"error: {err}", file=sys.stderr)
-            return err.exit_code
+            code = err.exit_code
+        if argv is None if exiting is None else exiting:
+            ignore_stop_signals()  # inside the block: no moment is left between its handlers and SIG_IGN
+    return code
 
 
 def _run(args: argparse.Namespace, raw: list[str]) -> int:
