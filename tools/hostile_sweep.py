@@ -91,7 +91,9 @@ class Case:
     setup: Setup | None = None  # makes the case's files in its directory; may return a callable to run at the end
     codes: set[int] | None = None  # the exit codes that are right (None: any of 0, 1, 2)
     env: dict[str, str | None] = field(default_factory=dict)  # None removes a variable
-    signals: list[tuple[str, float, int]] = field(default_factory=list)  # (text to wait for, then seconds, signal)
+    # (text to wait for, then seconds, then a signal to send, or a function of the output so far and the case's
+    # directory to call: hostile requests to a server, say)
+    signals: list[tuple[str, float, Any]] = field(default_factory=list)
     own: tuple[str, ...] = ()  # files the command may change (globs, relative to the case's directory)
     multiline: str = ""  # why several stderr lines are right here
     ignore: tuple[int, ...] = ()  # signals the parent process ignores (nohup, a background job)
@@ -1677,6 +1679,100 @@ def port_holder(port: int) -> Setup:
     return make
 
 
+def hostile_requests(requests: list[tuple[str, str, Any, set[int]]]) -> Callable[[str, Path], None]:
+    """What a case sends to the server it started, once it serves: (method, path, body, the statuses that are
+    right). Every answer that is not one of them, or a 4xx/5xx without OpenAI's error body, is written to
+    problems.json in the case's directory for ``requests_check``."""
+
+    def send(output: str, d: Path) -> None:
+        import httpx
+
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)", output)
+        problems = [] if found else ["no serving line with an address"]
+        for method, path, body, statuses in requests if found else []:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            try:
+                answer = httpx.request(method, found.group(1) + path, content=None if body is None else content,
+                                       headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
+            except httpx.HTTPError as err:
+                problems.append(f"{method} {path}: {type(err).__name__}: {err}")
+                continue
+            if answer.status_code not in statuses:
+                problems.append(
+                    f"{method} {path}: {answer.status_code}, expected {sorted(statuses)}: {answer.text[:200]}"
+                )
+            elif answer.status_code >= 400:
+                try:
+                    error = answer.json()["error"]
+                    assert set(error) == {"message", "type", "param", "code"}
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    problems.append(f"{method} {path}: {answer.status_code} without OpenAI's error body")
+        (d / "problems.json").write_text(json.dumps(problems))
+
+    return send
+
+
+def requests_check(d: Path, base: Base) -> list[str]:
+    path = d / "problems.json"
+    return json.loads(path.read_text()) if path.exists() else ["the requests were never sent"]
+
+
+def serve_request_cases() -> list[Case]:
+    """Issue 25: hostile requests to the new endpoints and the page, on a running server (then SIGTERM)."""
+    ck = ["serve", "--checkpoint", "snap.pt", "--device", "cpu", "--port", "0"]
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    groups: dict[str, list[tuple[str, str, Any, set[int]]]] = {
+        "page": [("GET", "/", None, {200}), ("POST", "/", {}, {405}), ("GET", "/index.html", None, {404})],
+        "tokenize": [
+            ("POST", "/tokenize", {"prompt": "<|endoftext|>" * 2000}, {200}),
+            ("POST", "/tokenize", {"prompt": "\udcff".encode("utf-8", "surrogatepass").decode("latin-1")}, {200}),
+            ("POST", "/tokenize", {"prompt": "x" * 1_100_000}, {413}),
+            ("POST", "/tokenize", {"prompt": None}, {400}),
+            ("POST", "/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, {400}),
+            ("POST", "/tokenize", [], {400}),
+            ("POST", "/tokenize", b"\xff\xfe", {400}),
+            ("POST", "/tokenize", deep, {400, 413}),
+            ("GET", "/tokenize", None, {405}),
+        ],
+        "detokenize": [
+            ("POST", "/detokenize", {"tokens": list(range(50257))}, {200}),
+            ("POST", "/detokenize", {"tokens": [2**70]}, {400}),
+            ("POST", "/detokenize", {"tokens": [1.5, 2]}, {400}),
+            ("POST", "/detokenize", {"tokens": [True]}, {400}),
+            ("POST", "/detokenize", {"tokens": None}, {400}),
+            ("POST", "/detokenize", {"tokens": [50256] * 20000}, {200}),
+            ("GET", "/tokenizer_info", None, {200}),
+        ],
+        "lenient-fields": [
+            ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 2, **{f"f{i}": i for i in range(300)}}, {200}),
+            ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 1, "x" * 20000: 1}, {200}),
+            ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 1, "stop": [f"s{i}" for i in range(64)]}, {200}),
+            ("POST", "/v1/completions", {"prompt": "a", "stop": [f"s{i}" for i in range(65)]}, {400}),
+            # the base model's context is 64 tokens: prompt + max_tokens may reach 65, an echoed prompt be 65
+            ("POST", "/v1/completions", {"prompt": [1] * 60, "max_tokens": 5}, {200}),
+            ("POST", "/v1/completions", {"prompt": [1] * 60, "max_tokens": 6}, {400}),
+            ("POST", "/v1/completions", {"prompt": [1] * 65, "max_tokens": 1, "echo": True, "logprobs": 1}, {200}),
+            ("POST", "/v1/completions", {"prompt": [1] * 66, "max_tokens": 1, "echo": True, "logprobs": 1}, {400}),
+            ("POST", "/v1/completions", {"prompt": [1] * 65, "max_tokens": 2, "echo": True}, {400}),
+            ("POST", "/v1/completions", {"prompt": [1] * 65, "max_tokens": 1}, {400}),
+        ],
+    }
+    stop = ("", 0.2, signal.SIGTERM)
+    return [
+        Case(
+            "serve requests",
+            name,
+            ck,
+            snap(),
+            {0, 143},
+            signals=[("serving ", 0.3, hostile_requests(sent)), stop],
+            timeout=240,
+            check=requests_check,
+        )
+        for name, sent in groups.items()
+    ]
+
+
 def serve_cases() -> list[Case]:
     """Start-up only: what serve does with bad flags and model sources, and a signal soon after it starts."""
     ck = ["serve", "--checkpoint", "snap.pt", "--device", "cpu", "--port", "0"]
@@ -1914,6 +2010,7 @@ def all_cases() -> list[Case]:
         + prepare_cases()
         + consolidate_cases()
         + serve_cases()
+        + serve_request_cases()
         + shard_input_cases()
     )
 
@@ -1980,7 +2077,9 @@ def run_case(case: Case, base: Base, root: Path) -> dict[str, Any]:
                     break
                 time.sleep(0.01)
             time.sleep(delay)
-            if proc.poll() is None:
+            if proc.poll() is None and callable(sig):
+                sig((b"".join(out) + b"".join(err)).decode(errors="replace"), d)
+            elif proc.poll() is None:
                 proc.send_signal(sig)
         proc.wait(timeout=max(1.0, case.timeout - (time.monotonic() - started)))
     except subprocess.TimeoutExpired:
