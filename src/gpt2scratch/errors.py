@@ -59,3 +59,10 @@ class Stopped(BaseException):
 
         super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" {detail}" if detail else ""))
         self.exit_code = 128 + signum
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters; "" when it has none. For the one-line
+    warnings of a fallback (a compiler, a CUDA graph, W&B) that quote an error from a library we called."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else ""

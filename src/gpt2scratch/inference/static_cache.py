@@ -18,6 +18,7 @@ import torch
 
 from gpt2scratch.config import GPTConfig
 from gpt2scratch.device import attention_kernels
+from gpt2scratch.errors import first_line
 
 if TYPE_CHECKING:
     from gpt2scratch.model import GPT
@@ -137,7 +138,6 @@ class StaticDecoder:
             self._graph = graph
         except Exception as err:  # an operation that cannot be captured, a driver that refuses
             self.cache.length.copy_(length)  # whatever the failure interrupted, the step starts where it was
-            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             log.warning("capturing the decoding step as a CUDA graph failed (%s: %s); decoding without it",
-                        type(err).__name__, detail)  # fmt: skip
+                        type(err).__name__, first_line(err))  # fmt: skip
             self.graphs = False

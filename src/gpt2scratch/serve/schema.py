@@ -87,7 +87,7 @@ def parse_completion(body: dict[str, Any], model: str, block_size: int) -> Compl
     get = {key: value for key, value in body.items() if value is not None and key in KNOWN}.get  # null: the default
     name = get("model", model)
     if not isinstance(name, str):
-        raise APIError(400, f"model must be a string, got {_kind(name)}", "model")
+        raise APIError(400, f"model must be a string, got {kind_of(name)}", "model")
     if name != model:
         raise APIError(404, f"The model '{name}' does not exist; this server serves '{model}'", "model",
                        "model_not_found")  # fmt: skip
@@ -99,7 +99,7 @@ def parse_completion(body: dict[str, Any], model: str, block_size: int) -> Compl
     if best_of != n:
         raise APIError(400, f"best_of must equal n ({n}): this server returns every completion it makes", "best_of")
     max_tokens = _integer(get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens", 0, None)
-    echo = _boolean(get("echo", False), "echo")
+    echo = boolean(get("echo", False), "echo")
     for i, ids in enumerate(prompts):
         if not fits(len(ids), max_tokens, block_size, echo):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
@@ -121,19 +121,19 @@ def parse_completion(body: dict[str, Any], model: str, block_size: int) -> Compl
     logprobs = get("logprobs")
     if logprobs is not None:
         logprobs = _integer(logprobs, "logprobs", 0, MAX_LOGPROBS)
-    stream = _boolean(get("stream", False), "stream")
+    stream = boolean(get("stream", False), "stream")
     include_usage = False
     options = get("stream_options", {})
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise APIError(400, "stream_options must be an object with at most include_usage", "stream_options")
     if options:
-        include_usage = _boolean(options.get("include_usage", False), "stream_options")
+        include_usage = boolean(options.get("include_usage", False), "stream_options")
     _neutral(get, "suffix", None)
     _neutral(get, "presence_penalty", 0)
     _neutral(get, "frequency_penalty", 0)
     _neutral(get, "logit_bias", {})
     if get("user") is not None and not isinstance(get("user"), str):
-        raise APIError(400, f"user must be a string, got {_kind(get('user'))}", "user")
+        raise APIError(400, f"user must be a string, got {kind_of(get('user'))}", "user")
     return CompletionRequest(
         prompts, texts, max_tokens, temperature, top_p if top_p < 1 else None, top_k if top_k > 0 else None, n,
         _stop(get("stop", [])), seed, echo, logprobs, stream, include_usage, ignored,
@@ -160,9 +160,9 @@ def _prompts(prompt: Any) -> tuple[list[list[int]], list[str]]:
                        "prompt")  # fmt: skip
     if all(isinstance(p, str) for p in prompt):
         return [encode(p) or [EOT_TOKEN] for p in prompt], list(prompt)
-    lists = [prompt] if all(_is_int(t) for t in prompt) else prompt
+    lists = [prompt] if all(is_int(t) for t in prompt) else prompt
     for ids in lists:
-        if not isinstance(ids, list) or not ids or not all(_is_int(t) for t in ids):
+        if not isinstance(ids, list) or not ids or not all(is_int(t) for t in ids):
             raise APIError(400, "prompt: token ids must be non-empty lists of integers", "prompt")
         bad = [t for t in ids if not 0 <= t < N_VOCAB]
         if bad:
@@ -183,17 +183,17 @@ def _tokens(n: int) -> str:
     return f"{n} token" if n == 1 else f"{n} tokens"
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(type(value), repr(value))
 
 
 def _integer(value: Any, name: str, low: int, high: int | None) -> int:
-    if not _is_int(value):
-        raise APIError(400, f"{name} must be an integer, got {_kind(value)}", name)
+    if not is_int(value):
+        raise APIError(400, f"{name} must be an integer, got {kind_of(value)}", name)
     if value < low or (high is not None and value > high):
         limits = f"at least {low}" if high is None else f"between {low} and {high}"
         raise APIError(400, f"{name} must be {limits}, got {value}", name)
@@ -202,15 +202,15 @@ def _integer(value: Any, name: str, low: int, high: int | None) -> int:
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-        raise APIError(400, f"{name} must be a number, got {_kind(value)}", name)
+        raise APIError(400, f"{name} must be a number, got {kind_of(value)}", name)
     if not low <= value <= high:
         raise APIError(400, f"{name} must be between {low:g} and {high:g}, got {value}", name)
     return float(value)
 
 
-def _boolean(value: Any, name: str) -> bool:
+def boolean(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise APIError(400, f"{name} must be true or false, got {_kind(value)}", name)
+        raise APIError(400, f"{name} must be true or false, got {kind_of(value)}", name)
     return value
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpt2scratch.serve.schema import APIError, _boolean, _is_int, _kind
+from gpt2scratch.serve.schema import APIError, boolean, is_int, kind_of
 from gpt2scratch.tokenizer import EOT_TEXT, N_VOCAB, decode, encode
 
 
@@ -25,8 +25,8 @@ def tokenize(body: dict[str, Any], model: str, block: int) -> dict[str, Any]:
         raise APIError(400, "GPT-2 has no chat format: send a prompt to tokenize", "messages")
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
-        raise APIError(400, f"prompt must be a string, got {_kind(prompt)}", "prompt")
-    _boolean(body.get("add_special_tokens", True), "add_special_tokens")
+        raise APIError(400, f"prompt must be a string, got {kind_of(prompt)}", "prompt")
+    boolean(body.get("add_special_tokens", True), "add_special_tokens")
     tokens = encode(prompt)
     return {"count": len(tokens), "max_model_len": block, "tokens": tokens}
 
@@ -35,7 +35,7 @@ def detokenize(body: dict[str, Any], model: str) -> dict[str, Any]:
     """``{"tokens": [ids]}`` -> ``{"prompt": text}``."""
     _model(body, model)
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+    if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
         raise APIError(400, "tokens must be a list of token ids (integers)", "tokens")
     bad = [t for t in tokens if not 0 <= t < N_VOCAB]
     if bad:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gpt2scratch.config import TrainConfig
+from gpt2scratch.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ class Speed:
 
     def __str__(self) -> str:
         return f"torch.compile: {self.compile}; padded vocabulary: {self.pad}; deferred snapshots: {self.defer}"
+
+    @classmethod
+    def plain(cls) -> Speed:
+        """None of them: what a state built by hand (tests, the README's recipe) runs with."""
+        off = Choice(False, "not chosen")
+        return cls(off, off, off)
 
 
 def choose(cfg: TrainConfig, device: torch.device, sharded: bool = False) -> Speed:
@@ -115,8 +122,7 @@ class CompiledOrEager:
         try:
             result = self.compiled(*args, **kwargs)
         except Exception as err:  # whatever the compiler raised: the step is retried eagerly
-            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-            log.warning("torch.compile failed (%s: %s); training without it", type(err).__name__, detail)
+            log.warning("torch.compile failed (%s: %s); training without it", type(err).__name__, first_line(err))
             self.compiled = None
             return self.module(*args, **kwargs)
         self.called = True

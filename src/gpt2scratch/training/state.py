@@ -27,7 +27,7 @@ from gpt2scratch.distributed import parallelize as parallel
 from gpt2scratch.distributed.world import World, gather_objects
 from gpt2scratch.errors import CheckpointError, UsageError
 from gpt2scratch.model import GPT
-from gpt2scratch.training.fast import Speed, choose
+from gpt2scratch.training.fast import Speed
 
 # What resume needs from a checkpoint (a final model written by an older version may lack some of it).
 RESUMABLE = ("model_state_dict", "optimizer_state_dict", "step", "loss", "rng", "loader")
@@ -181,7 +181,7 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     loss: float = float("nan")  # the loss of the last step, averaged over ranks
     changes: list[dict[str, Any]] = field(default_factory=list)  # identity changes allowed at resumes, with steps
-    speed: Speed = field(default_factory=lambda: choose(TrainConfig(), torch.device("cpu")))  # compile, padding...
+    speed: Speed = field(default_factory=Speed.plain)  # compile, padding, deferral: training/fast.py chooses
     started: float = field(default_factory=time.perf_counter)
 
     @property

@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from gpt2scratch.errors import GPT2ScratchError
+from gpt2scratch.errors import GPT2ScratchError, first_line
 
 ID_FILE = "wandb-run-id"  # in the out dir
 
@@ -34,7 +34,7 @@ class WandbLog:
             self._run = wandb.init(project=project, name=name, config=config, dir=str(out_dir), id=run_id,
                                    resume="allow")  # fmt: skip
         except Exception as err:  # W&B's own errors (no API key, no network, a bad project name) are many
-            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            detail = first_line(err) or type(err).__name__
             raise GPT2ScratchError(
                 f"--wandb could not start a W&B run ({detail}); log in with `wandb login`, or set WANDB_MODE=offline "
                 "to keep the run on this machine"
