@@ -11,6 +11,7 @@ is not written twice, as in the converter's output.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,7 +96,13 @@ def export_gguf(model: GPT, path: Path, outtype: str = "f32", force: bool = Fals
         raise UsageError(f"{path} is a directory; give a file name such as model.gguf")
     tensors = gguf_tensors(model)
     nbytes = sum(t.numel() * 4 for _, t in tensors)
-    replace_atomically(path, nbytes, lambda tmp: _write(gguf, model, tensors, tmp, path.stem, outtype))
+    quiet = logging.getLogger("gguf")  # its writer logs the temporary file's name and sizes at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        replace_atomically(path, nbytes, lambda tmp: _write(gguf, model, tensors, tmp, path.stem, outtype))
+    finally:
+        quiet.setLevel(level)
 
 
 def _write(gguf: Any, model: GPT, tensors: list[tuple[str, torch.Tensor]], tmp: Path, name: str, outtype: str) -> None:
